@@ -1,0 +1,58 @@
+"""The small interface every backend kind implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from lemon_magic.errors import InvalidOptions
+from lemon_magic.options import ResolvedOptions
+
+__all__ = ("Backend",)
+
+
+class Backend(ABC):
+    """A kind of backend process serving an OpenAI-style API on 127.0.0.1.
+
+    Subclasses say how to find the program, how to build its argv and where
+    to poll for readiness; the supervisor in ``_process`` does the rest.
+    """
+
+    #: the name users pass as ``backend=``
+    name: str
+    #: GET path that answers 200 once the model is loaded
+    health_path: str
+    #: flags that lemon_magic sets itself and users may not pass in ``extra_args``
+    reserved_flags: frozenset[str]
+    #: log text that means "the port was taken": the start is retried on a new port
+    port_in_use_markers: tuple[str, ...] = ("address already in use",)
+
+    @abstractmethod
+    def command(self) -> list[str]:
+        """The program (and fixed leading args) to run.
+
+        :raises BackendUnavailable: the program is missing or not runnable.
+        """
+
+    def available(self) -> bool:
+        """Whether :meth:`command` would succeed."""
+        try:
+            self.command()
+        except Exception:
+            return False
+        return True
+
+    @abstractmethod
+    def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
+        """The full argv that serves ``model_path`` with ``options`` on ``port``."""
+
+    def check_extra_args(self, args: tuple[str, ...]) -> None:
+        """Refuse extra args that name a flag lemon_magic sets itself.
+
+        :raises InvalidOptions: naming the first reserved flag found.
+        """
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in self.reserved_flags:
+                raise InvalidOptions(f"extra_args may not set {flag}: lemon_magic sets it "
+                                     f"(use the matching load option instead)")

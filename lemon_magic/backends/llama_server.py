@@ -1,0 +1,66 @@
+"""llama.cpp's ``llama-server``, launched the way Lemonade launches it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lemon_magic.backends.base import Backend
+from lemon_magic.errors import BackendUnavailable
+from lemon_magic.options import ResolvedOptions
+
+__all__ = ("ENV_VAR", "LlamaServer")
+
+#: environment variable naming the llama-server binary
+ENV_VAR = "LEMON_MAGIC_LLAMA_SERVER"
+
+
+class LlamaServer(Backend):
+    """``llama-server`` found through ``binary=``, ``$LEMON_MAGIC_LLAMA_SERVER``, PATH, or the
+    cache where ``python -m lemon_magic.build_llama_server`` puts it (in that order)."""
+
+    name = "llama-server"
+    health_path = "/health"
+    reserved_flags = frozenset({"-m", "--model", "--port", "--host", "-c", "--ctx-size",
+                                "-t", "--threads", "--chat-template", "--jinja", "--no-jinja",
+                                "-mu", "--model-url", "-hf", "--hf-repo", "--api-key"})
+    port_in_use_markers = ("couldn't bind", "address already in use")
+
+    def __init__(self, binary: str | os.PathLike[str] | None = None) -> None:
+        self._binary = binary
+
+    def locate(self) -> Path:
+        """The binary that will be run.
+
+        :raises BackendUnavailable: not found, or not an executable file.
+        """
+        from lemon_magic.build_llama_server import built_binary
+
+        configured = self._binary or os.environ.get(ENV_VAR)
+        if configured:
+            path = Path(configured).expanduser()
+            where = "configured" if self._binary else f"${ENV_VAR}"
+        else:
+            found = shutil.which("llama-server")
+            path = Path(found) if found else built_binary()
+            where = "PATH" if found else "the build cache"
+        if not path.is_file():
+            raise BackendUnavailable(
+                f"llama-server not found ({where}: {path}); build it with "
+                f"'python -m lemon_magic.build_llama_server' or set ${ENV_VAR}")
+        if not os.access(path, os.X_OK):
+            raise BackendUnavailable(f"llama-server at {path} is not executable")
+        return path
+
+    def command(self) -> list[str]:
+        return [str(self.locate())]
+
+    def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
+        argv = [*self.command(), "-m", str(model_path), "--ctx-size", str(options.ctx_size),
+                "--port", str(port), "--host", "127.0.0.1", "--threads", str(options.threads)]
+        if options.chat_template:
+            argv += ["--chat-template", options.chat_template]
+        else:
+            argv.append("--jinja")
+        return [*argv, *options.extra_args]

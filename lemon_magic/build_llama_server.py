@@ -1,0 +1,105 @@
+"""Build ``llama-server`` offline from the llama.cpp sources in the ``llama-cpp-python`` sdist.
+
+Usage::
+
+    python -m lemon_magic.build_llama_server [--sdist PATH] [--jobs N] [--force]
+
+The sdist of the pinned ``llama-cpp-python`` release ships llama.cpp with
+``tools/server``. We fetch it with ``pip download`` (served from pip's cache
+after the first time), configure a CPU-only, static, UI-less build and compile
+only the ``llama-server`` target. The binary lands in
+``<cache_dir>/llama-server/<version>/llama-server`` and is reused from then on;
+it prints its path on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from lemon_magic._paths import cache_dir
+
+__all__ = ("LLAMA_CPP_PYTHON_VERSION", "build", "built_binary")
+
+#: The llama-cpp-python release whose vendored llama.cpp we build (same as the wheel we pin).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_CURL=OFF",
+)
+
+
+def built_binary(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """Where the cached binary for ``version`` lives (it may not exist yet)."""
+    return cache_dir() / "llama-server" / version / "llama-server"
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--quiet", "-d", str(into), f"llama-cpp-python=={version}"]
+    subprocess.run(cmd, check=True)
+    return next(into.glob("llama_cpp_python-*.tar.gz"))
+
+
+def _extract_llama_cpp(sdist: Path, into: Path) -> Path:
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+        tar.extractall(into, members=members, filter="data")
+    return next(into.glob("*/vendor/llama.cpp"))
+
+
+def build(version: str = LLAMA_CPP_PYTHON_VERSION, *, sdist: Path | None = None,
+          jobs: int | None = None, force: bool = False) -> Path:
+    """Build (or reuse) ``llama-server`` and return the path of the binary."""
+    target = built_binary(version)
+    if target.exists() and not force:
+        return target
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"build_llama_server: {tool!r} is not on PATH; install cmake and a C++ compiler")
+    jobs = jobs or os.cpu_count() or 2
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lemon-llama-build-") as tmp:
+        work = Path(tmp)
+        sdist = sdist or _download_sdist(version, work)
+        source = _extract_llama_cpp(sdist, work / "src")
+        build_dir = work / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *_CMAKE_FLAGS],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server",
+                        "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        shutil.copy2(build_dir / "bin" / "llama-server", partial)
+        partial.replace(target)
+    print(f"built llama-server {version} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION, help="llama-cpp-python sdist version")
+    parser.add_argument("--sdist", type=Path, help="use this sdist instead of pip download")
+    parser.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    print(build(args.version, sdist=args.sdist, jobs=args.jobs, force=args.force))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The exceptions lemon_magic raises.
+
+Every error builds its one-sentence message in ``__init__`` and carries the
+fields a UI needs (``model``, ``returncode``, ``log_tail``)::
+
+    LemonError                      base of everything lemon_magic raises
+    ├── ModelNotFound               a name that is neither registered nor a .gguf path
+    ├── InvalidModelFile            a path that is missing, empty or not GGUF
+    ├── InvalidOptions (ValueError) a load option that is not valid
+    ├── BackendUnavailable          the backend program is missing or not runnable
+    ├── ModelNotLoaded              unload of a model that is not loaded
+    ├── LoadError                   a load that did not end with a ready backend
+    │   ├── BackendStartError       the backend could not be spawned
+    │   ├── BackendExited           the backend exited (at start, or later: crashed)
+    │   ├── HealthCheckTimeout      the backend never became healthy in time
+    │   ├── LoadCancelled           an unload or an eviction cancelled the load
+    │   ├── NotEnoughMemory         memory admission refused the load
+    │   └── SlotsFull               every slot of the model's type is pinned
+    ├── InferenceError              a request to a ready backend failed
+    └── WaitTimeout                 a bounded wait ran out
+
+Misuse of the API (a closed router) raises :class:`RouterClosed`, a
+``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = (
+    "BackendExited",
+    "BackendStartError",
+    "BackendUnavailable",
+    "HealthCheckTimeout",
+    "InferenceError",
+    "InvalidModelFile",
+    "InvalidOptions",
+    "LemonError",
+    "LoadCancelled",
+    "LoadError",
+    "ModelNotFound",
+    "ModelNotLoaded",
+    "NotEnoughMemory",
+    "RouterClosed",
+    "SlotsFull",
+    "WaitTimeout",
+)
+
+
+class LemonError(Exception):
+    """Base class of every error lemon_magic raises on purpose."""
+
+    model: str | None = None
+    log_tail: tuple[str, ...] = ()
+
+    def __init__(self, message: str, *, model: str | None = None,
+                 log_tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.model = model
+        self.log_tail = tuple(log_tail)
+
+    @property
+    def message(self) -> str:
+        """The one-sentence description, without the log tail."""
+        return str(self.args[0])
+
+    def render(self) -> str:
+        """The message followed by the backend's log tail, for display."""
+        if not self.log_tail:
+            return self.message
+        tail = "\n".join(f"  | {line}" for line in self.log_tail)
+        return f"{self.message}\nlast lines of the backend log:\n{tail}"
+
+
+class ModelNotFound(LemonError):
+    """Raised when a model name is neither registered nor a path to a ``.gguf`` file."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        hint = f" (known models: {', '.join(sorted(known))})" if known else ""
+        super().__init__(f"unknown model {name!r}: not a registered name or a .gguf path{hint}",
+                         model=name)
+
+
+class InvalidModelFile(LemonError):
+    """Raised when a model file is missing, empty, truncated in its header or not GGUF."""
+
+    def __init__(self, path: str, problem: str, *, model: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"model file {path} {problem}", model=model)
+
+
+class InvalidOptions(LemonError, ValueError):
+    """Raised when a load option is not valid (the message names the option)."""
+
+
+class BackendUnavailable(LemonError):
+    """Raised when a backend's program cannot be found or run."""
+
+
+class ModelNotLoaded(LemonError):
+    """Raised by ``unload`` when the model is not loaded."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is not loaded", model=model)
+
+
+class LoadError(LemonError):
+    """Base of the errors that end a load without a ready backend."""
+
+
+class BackendStartError(LoadError):
+    """Raised when the backend process could not be spawned at all."""
+
+
+class BackendExited(LoadError):
+    """Raised when a backend exits: during its start, or later (a crash)."""
+
+    def __init__(self, model: str, returncode: int | None, when: str,
+                 log_tail: Sequence[str] = ()) -> None:
+        self.returncode = returncode
+        code = "unknown code" if returncode is None else _describe_returncode(returncode)
+        super().__init__(f"backend of {model!r} exited {when} ({code})", model=model,
+                         log_tail=log_tail)
+
+
+class HealthCheckTimeout(LoadError):
+    """Raised when a backend does not become healthy within the start timeout."""
+
+    def __init__(self, model: str, seconds: float, log_tail: Sequence[str] = ()) -> None:
+        super().__init__(f"backend of {model!r} did not become healthy within {seconds:g} s; "
+                         "it was stopped", model=model, log_tail=log_tail)
+
+
+class LoadCancelled(LoadError):
+    """Raised to the waiters of a load that an unload or an eviction cancelled."""
+
+
+class NotEnoughMemory(LoadError):
+    """Raised when memory admission refuses a load that cannot fit."""
+
+
+class SlotsFull(LoadError):
+    """Raised when every slot of a model type is held by a pinned model."""
+
+
+class InferenceError(LemonError):
+    """Raised when a request to a ready backend fails."""
+
+
+class WaitTimeout(LemonError):
+    """Raised when a bounded wait (for a load, or for requests to drain) runs out."""
+
+
+class RouterClosed(RuntimeError):
+    """Raised when the router is used after it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__("the lemon_magic router is closed; call get_router() for a new one")
+
+
+def _describe_returncode(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

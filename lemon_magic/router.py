@@ -1,0 +1,855 @@
+"""The declarative router: ``ensure_loaded`` decided under one lock, on one event loop.
+
+All state lives on the router's anyio event loop and is touched only there.
+Decisions are made under ``_lock`` with no await in between, so "is it
+loaded?", "evict" and "start" can never interleave with another caller's
+(lemonade-sdk/lemonade#1603). Process starts, health polls and stops run
+outside the lock, in the router's task group; other callers for the same
+model wait on the in-flight load's event (single flight), and callers for
+other models are not held up at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import httpx
+import psutil
+
+from lemon_magic._policy import (
+    TRANSITIONS,
+    Decision,
+    ModelState,
+    SlotView,
+    admit_memory,
+    choose_evictions,
+    decide,
+)
+from lemon_magic.backends import Backend, default_backends
+from lemon_magic.backends._pidfile import reap_orphans
+from lemon_magic.backends._process import BackendProcess, free_port
+from lemon_magic.errors import (
+    BackendExited,
+    BackendUnavailable,
+    InferenceError,
+    InvalidOptions,
+    LemonError,
+    LoadCancelled,
+    LoadError,
+    ModelNotLoaded,
+    RouterClosed,
+    WaitTimeout,
+)
+from lemon_magic.options import DEFAULT_CTX_SIZE, LoadOptions, ResolvedOptions, default_threads
+from lemon_magic.registry import ModelSpec, Registry
+
+__all__ = ("AsyncRouter", "Chunk", "Completion", "LoadResult", "ModelStatus", "Plan",
+           "RouterConfig", "RouterEvent", "UnloadResult")
+
+log = logging.getLogger("lemon_magic.router")
+
+
+# --------------------------------------------------------------------------- public records
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Limits and timeouts of a router; every wait is bounded by one of these."""
+
+    #: models of each kind that may be loaded at once (Lemonade's default: 1 llm)
+    max_loaded: Mapping[str, int] = field(
+        default_factory=lambda: {"llm": 1, "embedding": 1, "reranking": 1})
+    #: seconds a backend may take from spawn to healthy
+    start_timeout: float = 120.0
+    #: seconds a caller waits for an in-flight load (others' or its own)
+    load_wait_timeout: float = 300.0
+    #: seconds an unload or eviction waits for requests in flight before stopping anyway
+    drain_timeout: float = 30.0
+    #: seconds between SIGTERM and SIGKILL
+    stop_grace: float = 5.0
+    #: seconds a single inference request may take
+    request_timeout: float = 600.0
+    #: memory budget in bytes for all backends (``None``: what psutil says is available)
+    memory_limit: int | None = None
+    #: lines of each backend's log kept in memory
+    log_lines: int = 400
+    #: times a port clash is retried with a new port
+    port_retries: int = 3
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``load``/``ensure_loaded`` did."""
+
+    model: str
+    #: ``"loaded"`` (started), ``"noop"`` (already loaded as asked) or ``"reloaded"``
+    action: Literal["loaded", "noop", "reloaded"]
+    backend: str
+    pid: int
+    url: str
+    options: ResolvedOptions
+    #: wall time of this call (including any wait for another caller's load)
+    seconds: float
+    #: spawn-to-healthy time of the process now serving the model
+    load_seconds: float
+    #: this call joined a load that another caller started
+    joined: bool = False
+    #: auto-load only: requested option → (loaded, requested) where the loaded process differs
+    options_differ: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: for a reload: the options it replaced
+    previous_options: ResolvedOptions | None = None
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """What ``unload`` did."""
+
+    model: str
+    pid: int | None
+    seconds: float
+    #: the model was still loading; its load was cancelled
+    cancelled_load: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an explicit ``load`` with these options would do now (advisory: state may change)."""
+
+    model: str
+    action: Literal["noop", "load", "reload", "wait"]
+    options: ResolvedOptions
+    current: ResolvedOptions | None
+    diff: Mapping[str, tuple[Any, Any]]
+    #: rough duration from the last load of this model (``None`` if never loaded)
+    estimate_seconds: float | None
+
+    def describe(self) -> str:
+        """One line such as ``will reload gemma3-270m: ctx_size 4096 → 8192``."""
+        if self.action == "noop":
+            return "no change (no-op)"
+        if self.action == "load":
+            return f"will load {self.model}"
+        if self.action == "wait":
+            return f"{self.model} is loading; the load will wait for it, then decide"
+        assert self.current is not None
+        est = f" (about {self.estimate_seconds:.1f} s)" if self.estimate_seconds else ""
+        return f"will reload {self.model}: {self.current.describe_diff(self.options)}{est}"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A snapshot of one model, as ``status()`` reports it."""
+
+    name: str
+    kind: str
+    state: ModelState
+    backend: str | None
+    pid: int | None
+    url: str | None
+    options: ResolvedOptions | None
+    rss: int | None
+    pinned: bool
+    load_seconds: float | None
+    #: wall-clock time (``time.time()``) of the last load, request or no-op
+    last_used: float | None
+    requests_in_flight: int
+    last_error: str | None
+    log_tail: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RouterEvent:
+    """A state change, as subscribers receive it (on the router's thread)."""
+
+    model: str
+    old: ModelState
+    new: ModelState
+    #: wall-clock time of the change
+    at: float
+    #: seconds the model spent in ``old``
+    seconds_in_old: float
+    detail: str = ""
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished completion or chat response."""
+
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Mapping[str, Any]
+    #: the backend's JSON response (the last chunk's, when streamed)
+    response: Mapping[str, Any]
+    load: LoadResult
+
+
+# --------------------------------------------------------------------------- internal records
+
+
+@dataclass(eq=False)
+class _Load:
+    options: ResolvedOptions
+    action: Literal["loaded", "reloaded"]
+    previous: ResolvedOptions | None
+    started: float = field(default_factory=time.monotonic)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    error: BaseException | None = None
+    cancel_reason: str | None = None
+    #: set on success: the process it started and its spawn-to-healthy seconds
+    process: BackendProcess | None = None
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Model:
+    name: str
+    spec: ModelSpec
+    state: ModelState = ModelState.UNLOADED
+    state_since: float = field(default_factory=time.monotonic)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    options: ResolvedOptions | None = None
+    process: BackendProcess | None = None
+    load: _Load | None = None
+    last_load: _Load | None = None
+    load_seconds: float | None = None
+    busy: int = 0
+    idle: anyio.Event = field(default_factory=anyio.Event)
+    pinned: bool = False
+    last_used: float = 0.0  # monotonic, for LRU
+    last_used_wall: float | None = None
+    last_error: LemonError | None = None
+    preferred: LoadOptions = field(default_factory=LoadOptions)
+    watcher: anyio.CancelScope | None = None
+    dead_log: tuple[str, ...] = ()
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.last_used_wall = time.time()
+
+
+# --------------------------------------------------------------------------- the router
+
+
+class AsyncRouter:
+    """The router itself; use it inside ``async with``, on one event loop.
+
+    Scripts and notebooks use the blocking :class:`lemon_magic.Router` from
+    :func:`lemon_magic.get_router`, which runs this on its own thread.
+    """
+
+    def __init__(self, config: RouterConfig | None = None, *, registry: Registry | None = None,
+                 backends: Mapping[str, Backend] | None = None) -> None:
+        self.config = config or RouterConfig()
+        self.registry = registry or Registry()
+        self.backends: dict[str, Backend] = dict(backends or default_backends())
+        self._models: dict[str, _Model] = {}
+        self._lock = anyio.Lock()
+        self._subscribers: list[Callable[[RouterEvent], None]] = []
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+        self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
+
+    async def __aenter__(self) -> AsyncRouter:
+        reap_orphans()
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.request_timeout,
+                                                               connect=5.0), trust_env=False)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.aclose()
+        finally:
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            if self._client is not None:
+                await self._client.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every backend and refuse further calls; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self._unload_all(reason="the router is closing")
+
+    def kill_all_now(self) -> None:
+        """Last resort for exit paths: SIGKILL every backend without using the loop."""
+        for m in self._models.values():
+            if m.process is not None:
+                m.process.kill_now()
+
+    # ----------------------------------------------------------------- events
+
+    def subscribe(self, callback: Callable[[RouterEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on every state change (on the router's thread; keep it quick).
+
+        Returns a function that unsubscribes.
+        """
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _set_state(self, m: _Model, new: ModelState, detail: str = "") -> None:
+        """The only writer of ``m.state``: checks the transition table, logs, notifies."""
+        old = m.state
+        if new not in TRANSITIONS[old]:
+            raise AssertionError(f"illegal transition {old} -> {new} for {m.name}")
+        now = time.monotonic()
+        event = RouterEvent(m.name, old, new, time.time(), now - m.state_since, detail,
+                            m.process.pid if m.process else None)
+        m.state, m.state_since = new, now
+        m.changed.set()
+        m.changed = anyio.Event()
+        log.info("[%s] %s -> %s%s", m.name, old, new, f" ({detail})" if detail else "")
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # a broken subscriber must not break the router
+                log.exception("[%s] event subscriber failed", m.name)
+
+    # ----------------------------------------------------------------- resolution
+
+    async def _spec(self, model: str) -> ModelSpec:
+        if self._closed:
+            raise RouterClosed()
+        if model in self._models:
+            return self._models[model].spec
+        # the first use of the embedded model assembles 253 MB: keep the loop free meanwhile
+        return await anyio.to_thread.run_sync(self.registry.resolve, model)
+
+    def _backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise InvalidOptions(f"backend must be one of {', '.join(self.backends)}, got {name!r}") \
+                from None
+
+    def default_backend(self) -> str:
+        """The first backend kind that is available here."""
+        for name, backend in self.backends.items():
+            if backend.available():
+                return name
+        raise BackendUnavailable("no backend is available: build llama-server with 'python -m "
+                                 "lemon_magic.build_llama_server' or pip install "
+                                 "'llama-cpp-python[server]'")
+
+    def resolve(self, spec: ModelSpec, requested: LoadOptions) -> ResolvedOptions:
+        """Fill in defaults and make "auto" concrete, in this order: request, model, router.
+
+        :raises InvalidOptions: a value the model or backend cannot take.
+        """
+        opts = requested.merged_over(spec.defaults)
+        info = spec.info
+        backend = opts.backend or self.default_backend()
+        ctx = opts.ctx_size or min(DEFAULT_CTX_SIZE, info.context_length or DEFAULT_CTX_SIZE)
+        if info.context_length and ctx > info.context_length:
+            raise InvalidOptions(f"ctx_size {ctx} exceeds the training context of {spec.name!r} "
+                                 f"({info.context_length} tokens)")
+        extra = opts.extra_args or ()
+        self._backend(backend).check_extra_args(extra)
+        return ResolvedOptions(backend=backend, ctx_size=ctx, threads=opts.threads or default_threads(),
+                               extra_args=extra, chat_template=opts.chat_template)
+
+    # ----------------------------------------------------------------- loading
+
+    async def ensure_loaded(self, model: str, options: LoadOptions | None = None, *,
+                            explicit: bool = True, pin: bool | None = None,
+                            _acquire: bool = False) -> LoadResult:
+        """Ensure ``model`` is loaded; the whole decision is made under the router's lock.
+
+        * explicit (``load``): same resolved options → ``noop``; different →
+          the old process is stopped and a new one started (``reloaded``).
+        * not explicit (auto-load by inference): whatever is ready is used as
+          it is; ``options_differ`` says how it differs from what was asked.
+        * a load in flight is joined, never duplicated.
+
+        :raises LemonError: bad model or options (nothing changes), or the load failed.
+        """
+        began = time.monotonic()
+        requested = options or LoadOptions()
+        spec = await self._spec(model)
+        name = spec.name
+        wanted = self.resolve(spec, requested.merged_over(self._models[name].preferred)
+                              if not explicit and name in self._models else requested)
+        joined: _Load | None = None
+        started_here: _Load | None = None
+        deadline = began + self.config.load_wait_timeout
+        while True:
+            async with self._lock:
+                if self._closed:
+                    raise RouterClosed()
+                m = self._models.get(name) or self._models.setdefault(name, _Model(name, spec))
+                decision = decide(m.state, m.options, wanted, explicit=explicit)
+                if decision is Decision.USE:
+                    assert m.process is not None and m.options is not None
+                    m.touch()
+                    if pin is not None:
+                        m.pinned = pin
+                    if explicit:
+                        m.preferred = requested
+                    if _acquire:
+                        m.busy += 1
+                    done = joined or started_here
+                    return LoadResult(
+                        name, done.action if done else "noop", m.options.backend, m.process.pid,
+                        m.process.url, m.options, time.monotonic() - began, m.load_seconds or 0.0,
+                        joined=joined is not None and started_here is None,
+                        options_differ={} if explicit else m.options.diff(wanted),
+                        previous_options=done.previous if done else None)
+                if decision in (Decision.START, Decision.RELOAD):
+                    if explicit:
+                        m.preferred = requested
+                    if pin is not None:
+                        m.pinned = pin
+                    started_here = self._start_load(m, wanted, decision)
+                    wait_for: anyio.Event = started_here.done
+                    load = started_here
+                elif decision is Decision.WAIT_LOAD:
+                    assert m.load is not None
+                    load = m.load
+                    joined = load
+                    wait_for = load.done
+                else:  # WAIT_STOP
+                    load = None
+                    wait_for = m.changed
+            remaining = deadline - time.monotonic()
+            with anyio.move_on_after(max(remaining, 0)) as waited:
+                await wait_for.wait()
+            if waited.cancelled_caught:
+                raise WaitTimeout(f"gave up waiting for {name!r} after "
+                                  f"{self.config.load_wait_timeout:g} s (it is still {m.state})",
+                                  model=name)
+            if load is None:
+                continue
+            if load.error is not None:
+                if isinstance(load.error, LemonError):
+                    raise load.error
+                raise LoadError(f"load of {name!r} failed: {load.error!r}", model=name)
+            if explicit and not _acquire and load.options == wanted and load.process is not None:
+                # the load we started or joined did what we asked: report it, even if a
+                # later caller has already changed the model again (no ping-pong)
+                return LoadResult(name, load.action, wanted.backend, load.process.pid,
+                                  load.process.url, wanted, time.monotonic() - began,
+                                  load.seconds, joined=load is not started_here,
+                                  previous_options=load.previous)
+
+    def _start_load(self, m: _Model, options: ResolvedOptions, decision: Decision) -> _Load:
+        """Under the lock: pick evictions, admit memory, mark states, launch the load task."""
+        assert self._tg is not None
+        kind = m.spec.kind
+        holders = [self._slot_view(o) for o in self._models.values()
+                   if o is not m and o.spec.kind == kind
+                   and o.state in (ModelState.LOADING, ModelState.READY)]
+        victims = choose_evictions(m.name, kind, holders, self.config.max_loaded.get(kind, 1))
+        victims += self._admit_memory(m, options, victims)
+        reloading = decision is Decision.RELOAD
+        load = _Load(options, "reloaded" if reloading else "loaded",
+                     m.options if reloading else None)
+        # all effects below happen together, with no await: nobody sees a half-made plan
+        evicted = [self._models[v] for v in victims]
+        for v in evicted:
+            self._begin_eviction(v, f"evicted to make room for {m.name}")
+        old_process = m.process if reloading else None
+        m.load, m.options = load, options
+        m.last_error = None
+        self._set_state(m, ModelState.LOADING,
+                        f"reload: {load.previous.describe_diff(options)}" if load.previous else "")
+        self._tg.start_soon(self._run_load, m, load, old_process, evicted)
+        return load
+
+    def _slot_view(self, m: _Model) -> SlotView:
+        rss = 0
+        if m.process is not None and m.process.returncode is None:
+            try:
+                rss = psutil.Process(m.process.pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return SlotView(m.name, m.state, m.pinned, m.last_used, rss)
+
+    def _admit_memory(self, m: _Model, options: ResolvedOptions, victims: list[str]) -> list[str]:
+        info = m.spec.info
+        need = int((info.size + info.kv_cache_bytes(options.ctx_size)) * 1.1) + 64 * 2**20
+        views = {o.name: self._slot_view(o) for o in self._models.values()
+                 if o.state in (ModelState.READY, ModelState.LOADING)}
+        freed = sum(views[v].rss for v in victims if v in views)
+        if m.name in views:  # a reload frees the old process
+            freed += views[m.name].rss
+        available = psutil.virtual_memory().available + freed
+        if self.config.memory_limit is not None:
+            in_use = sum(v.rss for n, v in views.items() if n not in victims and n != m.name)
+            available = min(available, self.config.memory_limit - in_use)
+        evictable = [v for n, v in views.items()
+                     if n not in victims and n != m.name and not v.pinned
+                     and v.state is ModelState.READY]
+        return admit_memory(m.name, need, available, evictable)
+
+    def _begin_eviction(self, v: _Model, reason: str) -> None:
+        if v.state is ModelState.LOADING:
+            assert v.load is not None
+            v.load.cancel_reason = reason
+            v.load.scope.cancel()
+        else:
+            self._set_state(v, ModelState.STOPPING, reason)
+
+    async def _run_load(self, m: _Model, load: _Load, old: BackendProcess | None,
+                        evicted: Sequence[_Model]) -> None:
+        """The load task: make room, (re)start, wait until healthy; never holds the lock."""
+        process: BackendProcess | None = None
+        try:
+            with load.scope:
+                async with anyio.create_task_group() as tg:
+                    for v in evicted:
+                        if v.state is ModelState.STOPPING:
+                            tg.start_soon(self._finish_stop, v)
+                    if old is not None:
+                        await self._drain(m)
+                        self._cancel_watcher(m)
+                        await old.stop(self.config.stop_grace)
+                        m.process = None
+                process = await self._spawn_healthy(m, load.options)
+            if load.scope.cancelled_caught:
+                raise LoadCancelled(f"load of {m.name!r} was cancelled: "
+                                    f"{load.cancel_reason or 'cancelled'}", model=m.name)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if process is not None:
+                    await process.stop(0.5)
+                elif m.process is not None and m.process.returncode is None and m.process is not old:
+                    await m.process.stop(0.5)
+            m.process = None
+            m.options = None
+            m.load = None
+            m.last_load = load
+            cancelled = isinstance(exc, LoadCancelled) or not isinstance(exc, Exception)
+            if isinstance(exc, LemonError):
+                error: BaseException = exc
+            elif cancelled:
+                error = LoadCancelled(f"load of {m.name!r} was cancelled: "
+                                      f"{load.cancel_reason or 'the router is closing'}", model=m.name)
+            else:
+                log.exception("[%s] load failed unexpectedly", m.name)
+                error = LoadError(f"load of {m.name!r} failed: {exc!r}", model=m.name)
+            load.error = error
+            if not isinstance(error, LoadCancelled):
+                m.last_error = error if isinstance(error, LemonError) else None
+            self._set_state(m, ModelState.UNLOADED if isinstance(error, LoadCancelled)
+                            else ModelState.FAILED, str(error).splitlines()[0])
+            load.done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        m.process, m.load, m.last_load = process, None, load
+        m.load_seconds = load.seconds = time.monotonic() - process.started_at
+        load.process = process
+        m.touch()
+        self._set_state(m, ModelState.READY, f"pid {process.pid}, {m.load_seconds:.2f} s")
+        self._start_watcher(m, process)
+        load.done.set()
+
+    async def _spawn_healthy(self, m: _Model, options: ResolvedOptions) -> BackendProcess:
+        backend = self._backend(options.backend)
+        assert self._client is not None
+        for attempt in range(self.config.port_retries + 1):
+            port = free_port()
+            argv = backend.argv(m.spec.path, options, port)
+            process = BackendProcess.spawn(m.name, argv, port, log_lines=self.config.log_lines)
+            self.spawn_count += 1
+            m.process = process
+            try:
+                await process.wait_healthy(self._client, backend.health_path,
+                                           self.config.start_timeout)
+                return process
+            except BackendExited:
+                if attempt < self.config.port_retries and \
+                        process.log_mentions(*backend.port_in_use_markers):
+                    log.warning("[%s] port %d was taken; retrying on another", m.name, port)
+                    continue
+                raise
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await process.stop(0.5)
+                raise
+        raise AssertionError("unreachable")
+
+    # ----------------------------------------------------------------- watching
+
+    def _start_watcher(self, m: _Model, process: BackendProcess) -> None:
+        assert self._tg is not None
+        scope = anyio.CancelScope()
+        m.watcher = scope
+        self._tg.start_soon(self._watch, m, process, scope)
+
+    def _cancel_watcher(self, m: _Model) -> None:
+        if m.watcher is not None:
+            m.watcher.cancel()
+            m.watcher = None
+
+    async def _watch(self, m: _Model, process: BackendProcess, scope: anyio.CancelScope) -> None:
+        """Mark the model crashed the moment its process exits on its own."""
+        with scope:
+            code = await process.wait_exit()
+            if m.process is process and m.state is ModelState.READY:
+                m.last_error = BackendExited(m.name, code, "after it was ready", process.log_tail())
+                m.dead_log = tuple(process.log_tail(50))
+                m.watcher = None
+                self._set_state(m, ModelState.CRASHED, m.last_error.message)
+                process.kill_now()  # clears the rest of its group and its pid record
+                m.process = None
+
+    # ----------------------------------------------------------------- unloading
+
+    async def _drain(self, m: _Model) -> None:
+        """Wait, bounded by ``drain_timeout``, until no request is in flight on ``m``."""
+        with anyio.move_on_after(self.config.drain_timeout):
+            while m.busy:
+                await m.idle.wait()
+
+    async def _finish_stop(self, m: _Model) -> None:
+        """Stop a model already marked STOPPING; ends in UNLOADED."""
+        await self._drain(m)
+        self._cancel_watcher(m)
+        process = m.process
+        if process is not None:
+            await process.stop(self.config.stop_grace)
+            m.dead_log = tuple(process.log_tail(50))
+        m.process, m.options = None, None
+        self._set_state(m, ModelState.UNLOADED, f"pid {process.pid} stopped" if process else "")
+
+    async def unload(self, model: str, *, reason: str = "unloaded") -> UnloadResult:
+        """Stop ``model``'s backend (waiting, bounded, for requests in flight).
+
+        A load in flight is cancelled: its half-started process is killed and its
+        waiters get :class:`LoadCancelled`.
+
+        :raises ModelNotLoaded: nothing is loaded or loading under that name.
+        """
+        began = time.monotonic()
+        if self._closed:
+            raise RouterClosed()
+        name = model
+        if name not in self._models:
+            try:
+                name = (await self._spec(model)).name
+            except LemonError:
+                raise ModelNotLoaded(model) from None
+        while True:
+            async with self._lock:
+                m = self._models.get(name)
+                if m is None or m.state in (ModelState.UNLOADED, ModelState.FAILED):
+                    raise ModelNotLoaded(model)
+                pid = m.process.pid if m.process else None
+                if m.state is ModelState.CRASHED:
+                    self._set_state(m, ModelState.UNLOADED, reason)
+                    return UnloadResult(name, None, time.monotonic() - began)
+                if m.state is ModelState.LOADING:
+                    assert m.load is not None
+                    load = m.load
+                    load.cancel_reason = f"{reason} while loading"
+                    load.scope.cancel()
+                    break
+                if m.state is ModelState.STOPPING:
+                    wait_for = m.changed
+                else:
+                    self._set_state(m, ModelState.STOPPING, reason)
+                    load = None
+                    break
+            await wait_for.wait()  # someone else is stopping it: wait, then look again
+        if load is not None:
+            with anyio.CancelScope(shield=True):
+                await load.done.wait()
+            return UnloadResult(name, pid, time.monotonic() - began, cancelled_load=True)
+        with anyio.CancelScope(shield=True):
+            await self._finish_stop(m)
+        return UnloadResult(name, pid, time.monotonic() - began)
+
+    async def _unload_all(self, reason: str) -> list[UnloadResult]:
+        results: list[UnloadResult] = []
+
+        async def one(name: str) -> None:
+            try:
+                results.append(await self.unload(name, reason=reason))
+            except ModelNotLoaded:
+                pass
+
+        was_closed, self._closed = self._closed, False  # let unload run while closing
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in list(self._models):
+                    tg.start_soon(one, name)
+        finally:
+            self._closed = was_closed
+        return results
+
+    async def unload_all(self) -> list[UnloadResult]:
+        """Unload every model; returns what was unloaded."""
+        if self._closed:
+            raise RouterClosed()
+        return await self._unload_all("unloaded")
+
+    # ----------------------------------------------------------------- introspection
+
+    async def plan(self, model: str, options: LoadOptions | None = None) -> Plan:
+        """What an explicit load with ``options`` would do, from the same decision function."""
+        spec = await self._spec(model)
+        wanted = self.resolve(spec, options or LoadOptions())
+        m = self._models.get(spec.name)
+        state = m.state if m else ModelState.UNLOADED
+        current = m.options if m and state is ModelState.READY else None
+        decision = decide(state, current, wanted, explicit=True)
+        action: Literal["noop", "load", "reload", "wait"] = {
+            Decision.USE: "noop", Decision.START: "load", Decision.RELOAD: "reload",
+            Decision.WAIT_LOAD: "wait", Decision.WAIT_STOP: "wait"}[decision]  # type: ignore[assignment]
+        estimate = None
+        if m is not None and m.load_seconds is not None:
+            estimate = m.load_seconds + (0.3 if action == "reload" else 0.0)
+        return Plan(spec.name, action, wanted, current, current.diff(wanted) if current else {},
+                    estimate)
+
+    def status(self) -> list[ModelStatus]:
+        """A snapshot of every model the router knows, loaded or not."""
+        out = []
+        for m in self._models.values():
+            view = self._slot_view(m)
+            proc = m.process
+            out.append(ModelStatus(
+                m.name, m.spec.kind, m.state, m.options.backend if m.options else None,
+                proc.pid if proc else None, proc.url if proc else None, m.options,
+                view.rss if proc else None, m.pinned, m.load_seconds, m.last_used_wall, m.busy,
+                m.last_error.render() if m.last_error else None,
+                tuple(proc.log_tail(20)) if proc else m.dead_log[-20:]))
+        return out
+
+    def log_tail(self, model: str, n: int = 50) -> list[str]:
+        """The last ``n`` lines of the model's backend log (of its last process if stopped).
+
+        :raises ModelNotLoaded: the router has never run this model.
+        """
+        m = self._models.get(model)
+        if m is None:
+            raise ModelNotLoaded(model)
+        if m.process is not None:
+            return m.process.log_tail(n)
+        if m.last_error is not None and m.last_error.log_tail:
+            return list(m.last_error.log_tail)[-n:]
+        return list(m.dead_log)[-n:]
+
+    def try_noop(self, model: str, options: LoadOptions) -> LoadResult | None:
+        """The no-op fast path, run synchronously on the loop thread.
+
+        A synchronous call on the loop cannot interleave with any task, so when
+        the lock is free this is the same decision ``ensure_loaded`` would make.
+        Returns ``None`` whenever the answer is not a plain no-op.
+        """
+        m = self._models.get(model)
+        if m is None or m.state is not ModelState.READY or self._lock.locked() or self._closed:
+            return None
+        began = time.monotonic()
+        wanted = self.resolve(m.spec, options)
+        if decide(m.state, m.options, wanted, explicit=True) is not Decision.USE:
+            return None
+        assert m.process is not None and m.options is not None
+        m.touch()
+        m.preferred = options
+        return LoadResult(m.name, "noop", m.options.backend, m.process.pid, m.process.url,
+                          m.options, time.monotonic() - began, m.load_seconds or 0.0)
+
+    # ----------------------------------------------------------------- inference
+
+    async def _post(self, model: str, path: str, payload: dict[str, Any],
+                    load_options: LoadOptions | None) -> AsyncIterator[tuple[LoadResult, dict[str, Any]]]:
+        """Auto-load, mark the model busy, POST, and yield ``(load, json)`` per SSE event or once."""
+        load = await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
+        m = self._models[load.model]
+        process = m.process
+        assert process is not None and self._client is not None
+        stream = bool(payload.get("stream"))
+        try:
+            async with self._client.stream("POST", process.url + path, json=payload) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode("utf-8", "replace")
+                    raise InferenceError(f"backend of {load.model!r} answered HTTP "
+                                         f"{response.status_code}: {_error_text(body)}",
+                                         model=load.model)
+                if not stream:
+                    yield load, json.loads(await response.aread())
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    yield load, json.loads(data)
+        except httpx.HTTPError as exc:
+            with anyio.move_on_after(1.0):
+                await process.wait_exit()
+            if process.returncode is not None:
+                raise BackendExited(load.model, process.returncode, "while serving a request",
+                                    process.log_tail()) from exc
+            raise InferenceError(f"request to the backend of {load.model!r} failed: {exc!r}",
+                                 model=load.model) from exc
+        finally:
+            m.busy -= 1
+            if m.busy == 0:
+                m.idle.set()
+                m.idle = anyio.Event()
+
+    async def stream(self, model: str, path: str, payload: dict[str, Any], *,
+                     load_options: LoadOptions | None = None,
+                     on_done: Callable[[Completion], None] | None = None) -> AsyncIterator[Chunk]:
+        """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``)."""
+        chat = "chat" in path
+        parts: list[str] = []
+        last: dict[str, Any] = {}
+        finish: str | None = None
+        load: LoadResult | None = None
+        async for load, event in self._post(model, path, {**payload, "stream": True}, load_options):
+            last = event
+            choice = (event.get("choices") or [{}])[0]
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            finish = choice.get("finish_reason") or finish
+            if text:
+                parts.append(text)
+                yield Chunk(text, choice.get("finish_reason"))
+        if on_done is not None and load is not None:
+            on_done(Completion(load.model, "".join(parts), finish, last.get("usage") or {}, last, load))
+
+    async def request(self, model: str, path: str, payload: dict[str, Any], *,
+                      load_options: LoadOptions | None = None) -> Completion:
+        """One non-streamed completion or chat request."""
+        async for load, body in self._post(model, path, {**payload, "stream": False}, load_options):
+            choice = (body.get("choices") or [{}])[0]
+            text = (choice.get("message") or {}).get("content") if "chat" in path else choice.get("text")
+            return Completion(load.model, text or "", choice.get("finish_reason"),
+                              body.get("usage") or {}, body, load)
+        raise InferenceError(f"backend of {model!r} sent no response", model=model)
+
+
+def _error_text(body: str) -> str:
+    try:
+        data = json.loads(body)
+        err = data.get("error", data)
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except ValueError:
+        return body[:300]
