@@ -26,5 +26,7 @@ def config_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """Runtime state (the pid records of running backends); lives in the cache dir."""
-    return cache_dir() / "run"
+    """Runtime state (pid records of running backends): ``$LEMON_MAGIC_STATE_DIR``, else
+    ``<cache_dir>/run``."""
+    override = os.environ.get("LEMON_MAGIC_STATE_DIR")
+    return Path(override) if override else cache_dir() / "run"

@@ -25,7 +25,6 @@ SAMPLING_PARAMETERS = frozenset({"temperature", "max_tokens", "top_p", "top_k", 
                                  "min_p", "repeat_penalty", "presence_penalty",
                                  "frequency_penalty", "stream"})
 _SHELL_CHARS = frozenset(";|&$`<>\\\n\r\t\"'(){}*?!#~")
-_BACKENDS = ("llama-server", "llama-cpp-python")
 
 
 def _positive_int(name: str, value: object) -> int | None:
@@ -89,9 +88,8 @@ class LoadOptions:
         set_(self, "threads", _positive_int("threads", self.threads))
         if self.backend in (None, "auto"):
             set_(self, "backend", None)
-        elif self.backend not in _BACKENDS:
-            raise InvalidOptions(f"backend must be one of {', '.join(_BACKENDS)} or 'auto', "
-                                 f"got {self.backend!r}")
+        elif not isinstance(self.backend, str) or not self.backend.strip():
+            raise InvalidOptions(f"backend must be a backend name or 'auto', got {self.backend!r}")
         if self.extra_args is not None:
             set_(self, "extra_args", _split_args(self.extra_args))
         if self.chat_template is not None:

@@ -342,8 +342,8 @@ class AsyncRouter:
         try:
             return self.backends[name]
         except KeyError:
-            raise InvalidOptions(f"backend must be one of {', '.join(self.backends)}, got {name!r}") \
-                from None
+            raise InvalidOptions(f"backend must be one of {', '.join(self.backends)} or 'auto', "
+                                 f"got {name!r}") from None
 
     def default_backend(self) -> str:
         """The first backend kind that is available here."""

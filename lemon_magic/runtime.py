@@ -124,10 +124,11 @@ class Router:
     that loop's own.
     """
 
-    def __init__(self, config: RouterConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: RouterConfig | None = None, *,
+                 impl: type[AsyncRouter] = AsyncRouter, **kwargs: Any) -> None:
         self._stack = contextlib.ExitStack()
         self._portal = self._stack.enter_context(start_blocking_portal("asyncio"))
-        self._async = AsyncRouter(config, **kwargs)
+        self._async = impl(config, **kwargs)
         try:
             self._stack.enter_context(self._portal.wrap_async_context_manager(self._async))
         except BaseException:
