@@ -399,7 +399,7 @@ class AsyncRouter:
             async with self._lock:
                 if self._closed:
                     raise RouterClosed()
-                m = self._models.get(name) or self._models.setdefault(name, _Model(name, spec))
+                m = self._models.get(name) or _Model(name, spec)  # registered once it starts
                 decision = decide(m.state, m.options, wanted, explicit=explicit)
                 if decision is Decision.USE:
                     assert m.process is not None and m.options is not None
@@ -418,11 +418,12 @@ class AsyncRouter:
                         options_differ={} if explicit else m.options.diff(wanted),
                         previous_options=done.previous if done else None)
                 if decision in (Decision.START, Decision.RELOAD):
+                    started_here = self._start_load(m, wanted, decision)  # raises before any change
+                    self._models[name] = m
                     if explicit:
                         m.preferred = requested
                     if pin is not None:
                         m.pinned = pin
-                    started_here = self._start_load(m, wanted, decision)
                     wait_for: anyio.Event = started_here.done
                     load = started_here
                 elif decision is Decision.WAIT_LOAD:
@@ -457,6 +458,7 @@ class AsyncRouter:
     def _start_load(self, m: _Model, options: ResolvedOptions, decision: Decision) -> _Load:
         """Under the lock: pick evictions, admit memory, mark states, launch the load task."""
         assert self._tg is not None
+        self._backend(options.backend).command()  # a missing program fails here, changing nothing
         kind = m.spec.kind
         holders = [self._slot_view(o) for o in self._models.values()
                    if o is not m and o.spec.kind == kind
@@ -487,9 +489,14 @@ class AsyncRouter:
                 pass
         return SlotView(m.name, m.state, m.pinned, m.last_used, rss)
 
+    @staticmethod
+    def memory_needed(spec: ModelSpec, options: ResolvedOptions) -> int:
+        """Estimated bytes a backend needs: weights + f16 KV cache, plus 10% and 64 MiB."""
+        info = spec.info
+        return int((info.size + info.kv_cache_bytes(options.ctx_size)) * 1.1) + 64 * 2**20
+
     def _admit_memory(self, m: _Model, options: ResolvedOptions, victims: list[str]) -> list[str]:
-        info = m.spec.info
-        need = int((info.size + info.kv_cache_bytes(options.ctx_size)) * 1.1) + 64 * 2**20
+        need = self.memory_needed(m.spec, options)
         views = {o.name: self._slot_view(o) for o in self._models.values()
                  if o.state in (ModelState.READY, ModelState.LOADING)}
         freed = sum(views[v].rss for v in victims if v in views)
