@@ -79,11 +79,17 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, *, sdist: Path | None = None,
         sdist = sdist or _download_sdist(version, work)
         source = _extract_llama_cpp(sdist, work / "src")
         build_dir = work / "build"
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *_CMAKE_FLAGS],
-                       check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server",
-                        "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL)
+        log_path = target.parent / "build.log"
         target.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("w") as log_file:
+            for step in (["cmake", "-S", str(source), "-B", str(build_dir), *_CMAKE_FLAGS],
+                         ["cmake", "--build", str(build_dir), "--target", "llama-server",
+                          "-j", str(jobs)]):
+                done = subprocess.run(step, stdout=log_file, stderr=subprocess.STDOUT)
+                if done.returncode != 0:
+                    tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                    raise SystemExit("build_llama_server: {} failed (exit {}); log: {}\n{}".format(
+                        " ".join(step[:2]), done.returncode, log_path, "\n".join(tail)))
         partial = target.with_suffix(".partial")
         shutil.copy2(build_dir / "bin" / "llama-server", partial)
         partial.replace(target)

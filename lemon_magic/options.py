@@ -92,10 +92,10 @@ class LoadOptions:
             raise InvalidOptions(f"backend must be a backend name or 'auto', got {self.backend!r}")
         if self.extra_args is not None:
             set_(self, "extra_args", _split_args(self.extra_args))
-        if self.chat_template is not None:
-            if not isinstance(self.chat_template, str) or not self.chat_template.strip() \
-                    or set(self.chat_template) & _SHELL_CHARS:
-                raise InvalidOptions(f"chat_template must be a template name, got {self.chat_template!r}")
+        if self.chat_template is not None and (
+                not isinstance(self.chat_template, str) or not self.chat_template.strip()
+                or set(self.chat_template) & _SHELL_CHARS):
+            raise InvalidOptions(f"chat_template must be a template name, got {self.chat_template!r}")
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> LoadOptions:

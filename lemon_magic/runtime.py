@@ -300,5 +300,5 @@ def _close_all() -> None:
     for router in list(_ALL):
         try:
             router.close()
-        except BaseException:  # noqa: S110 - exiting anyway; kill_all_now already ran
+        except BaseException:
             pass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -59,7 +59,8 @@ class RacyRouter(AsyncRouter):
         if m is not None and m.state is ModelState.READY and (not explicit or m.options == wanted):
             return await super().ensure_loaded(model, options, explicit=explicit, pin=pin,
                                                _acquire=_acquire)
-        await anyio.sleep(0)
+        # the gap between separately locked steps (in Lemonade: separate calls), with jitter
+        await anyio.sleep(random.uniform(0, 0.02))
         # step 2: "unload" whatever is there now (a separately locked step)
         m = self._models.get(spec.name)
         if m is not None and m.state in (ModelState.READY, ModelState.LOADING):

@@ -99,7 +99,7 @@ def test_a_new_router_reaps_backends_of_a_dead_owner(tiny_model: str,
 def test_memory_admission_refuses_and_changes_nothing(make_router: Callable[..., Router],
                                                       tiny_model: str, tiny_model_b: str) -> None:
     router = make_router(RouterConfig(max_loaded={"llm": 3}, memory_limit=32 * 2**20))
-    with pytest.raises(NotEnoughMemory, match="needs about .* but only"):
+    with pytest.raises(NotEnoughMemory, match=r"needs about .* but only"):
         router.load(tiny_model, ctx_size=256)
     assert router.status() == [] and router.spawn_count == 0
 

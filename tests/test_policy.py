@@ -84,5 +84,5 @@ def test_memory_evicts_lru_until_it_fits() -> None:
 
 
 def test_memory_refuses_with_figures() -> None:
-    with pytest.raises(NotEnoughMemory, match="needs about 1.00 GiB of memory but only 0.50 GiB"):
+    with pytest.raises(NotEnoughMemory, match=r"needs about 1\.00 GiB of memory but only 0\.50 GiB"):
         admit_memory("x", 2**30, 2**29, [])

@@ -101,14 +101,14 @@ def test_1603_auto_load_in_flight_and_explicit_same_options_load(
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_32_concurrent_cold_loads_spawn_once(make_router: Callable[..., Router], tiny_model: str,
+def test_32_concurrent_cold_loads_spawn_once(make_router: Callable[..., Router],
                                              impl: type | None) -> None:
     router = make_router(**({"impl": impl} if impl else {}))
     barrier = threading.Barrier(32)
 
     def load(_: int) -> int:
         barrier.wait()
-        return router.load(tiny_model, ctx_size=256, backend="llama-server").pid
+        return router.load("gemma3-270m", ctx_size=1024, backend="llama-server").pid
 
     with ThreadPoolExecutor(32) as pool:
         pids = list(pool.map(load, range(32)))

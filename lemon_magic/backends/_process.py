@@ -109,7 +109,7 @@ class BackendProcess:
             popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                      close_fds=True,
-                                     preexec_fn=lambda: _child_setup(parent))  # noqa: PLW1509
+                                     preexec_fn=lambda: _child_setup(parent))
         except OSError as exc:
             raise BackendStartError(f"cannot start the backend of {model!r}: {argv[0]}: "
                                     f"{exc.strerror or exc}", model=model) from exc
@@ -206,7 +206,7 @@ class BackendProcess:
             self._signal_group(signal.SIGKILL)  # leftovers of the group, if any
             _pidfile.remove(self._record)
             log.info("[%s] pid %d stopped (%s)", self.model, self.pid, self.returncode)
-            return self.returncode
+        return self.returncode
 
     def kill_now(self) -> None:
         """SIGKILL the group and reap without waiting on the loop (for atexit and finalizers)."""
