@@ -264,14 +264,15 @@ class AsyncRouter:
         self._lock = anyio.Lock()
         self._subscribers: list[Callable[[RouterEvent], None]] = []
         self._tg: anyio.abc.TaskGroup | None = None
-        self._client: httpx.AsyncClient | None = None
         self._closed = False
         self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
+        self._default_backend: str | None = None
+        self._threads = default_threads()
+        # resolution is pure given (spec, request): memoised, so a no-op load does no I/O
+        self._resolved: dict[tuple[ModelSpec, LoadOptions], ResolvedOptions] = {}
 
     async def __aenter__(self) -> AsyncRouter:
         reap_orphans()
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.request_timeout,
-                                                               connect=5.0), trust_env=False)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -283,8 +284,6 @@ class AsyncRouter:
             assert self._tg is not None
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
-            if self._client is not None:
-                await self._client.aclose()
 
     async def aclose(self) -> None:
         """Stop every backend and refuse further calls; idempotent."""
@@ -346,9 +345,12 @@ class AsyncRouter:
                                  f"got {name!r}") from None
 
     def default_backend(self) -> str:
-        """The first backend kind that is available here."""
+        """The first backend kind that is available here (chosen once per router)."""
+        if self._default_backend is not None:
+            return self._default_backend
         for name, backend in self.backends.items():
             if backend.available():
+                self._default_backend = name
                 return name
         raise BackendUnavailable("no backend is available: build llama-server with 'python -m "
                                  "lemon_magic.build_llama_server' or pip install "
@@ -359,6 +361,12 @@ class AsyncRouter:
 
         :raises InvalidOptions: a value the model or backend cannot take.
         """
+        key = (spec, requested)
+        cached = self._resolved.get(key)
+        if cached is not None:
+            return cached
+        if len(self._resolved) > 512:
+            self._resolved.clear()
         opts = requested.merged_over(spec.defaults)
         info = spec.info
         backend = opts.backend or self.default_backend()
@@ -368,8 +376,11 @@ class AsyncRouter:
                                  f"({info.context_length} tokens)")
         extra = opts.extra_args or ()
         self._backend(backend).check_extra_args(extra)
-        return ResolvedOptions(backend=backend, ctx_size=ctx, threads=opts.threads or default_threads(),
-                               extra_args=extra, chat_template=opts.chat_template)
+        resolved = ResolvedOptions(backend=backend, ctx_size=ctx,
+                                   threads=opts.threads or self._threads, extra_args=extra,
+                                   chat_template=opts.chat_template)
+        self._resolved[key] = resolved
+        return resolved
 
     # ----------------------------------------------------------------- loading
 
@@ -577,16 +588,15 @@ class AsyncRouter:
 
     async def _spawn_healthy(self, m: _Model, options: ResolvedOptions) -> BackendProcess:
         backend = self._backend(options.backend)
-        assert self._client is not None
         for attempt in range(self.config.port_retries + 1):
             port = free_port()
             argv = backend.argv(m.spec.path, options, port)
-            process = BackendProcess.spawn(m.name, argv, port, log_lines=self.config.log_lines)
+            process = BackendProcess.spawn(m.name, argv, port, log_lines=self.config.log_lines,
+                                           request_timeout=self.config.request_timeout)
             self.spawn_count += 1
             m.process = process
             try:
-                await process.wait_healthy(self._client, backend.health_path,
-                                           self.config.start_timeout)
+                await process.wait_healthy(backend.health_path, self.config.start_timeout)
                 return process
             except BackendExited:
                 if attempt < self.config.port_retries and \
@@ -622,8 +632,8 @@ class AsyncRouter:
                 m.dead_log = tuple(process.log_tail(50))
                 m.watcher = None
                 self._set_state(m, ModelState.CRASHED, m.last_error.message)
-                process.kill_now()  # clears the rest of its group and its pid record
                 m.process = None
+                await process.stop(0)  # clears its client, the rest of its group, its pid record
 
     # ----------------------------------------------------------------- unloading
 
@@ -790,10 +800,10 @@ class AsyncRouter:
         load = await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
         m = self._models[load.model]
         process = m.process
-        assert process is not None and self._client is not None
+        assert process is not None
         stream = bool(payload.get("stream"))
         try:
-            async with self._client.stream("POST", process.url + path, json=payload) as response:
+            async with process.client.stream("POST", process.url + path, json=payload) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode("utf-8", "replace")
                     raise InferenceError(f"backend of {load.model!r} answered HTTP "

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -40,6 +41,18 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 # Polling interval for readiness: starts short, grows, stays small so that
 # we notice "healthy" within a few ms of the backend (see bench/).
 _POLL_FIRST, _POLL_GROWTH, _POLL_MAX = 0.002, 1.5, 0.015
+
+
+_ssl_context: ssl.SSLContext | None = None
+
+
+def _client(timeout: float) -> httpx.AsyncClient:
+    """An HTTP client for one backend (httpx builds an SSL context per client: share one)."""
+    global _ssl_context
+    if _ssl_context is None:
+        _ssl_context = ssl.create_default_context()
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), verify=_ssl_context,
+                             trust_env=False)
 
 
 def free_port() -> int:
@@ -86,7 +99,7 @@ class BackendProcess:
     """
 
     def __init__(self, model: str, argv: Sequence[str], port: int, popen: subprocess.Popen[bytes],
-                 log_lines: int) -> None:
+                 log_lines: int, request_timeout: float) -> None:
         self.model = model
         self.argv = tuple(argv)
         self.port = port
@@ -96,10 +109,13 @@ class BackendProcess:
         assert popen.stdout is not None
         self._log = _LogRing(popen.stdout, log_lines, f"{model}-{popen.pid}")
         self._record = _pidfile.record(popen.pid, self.argv)
+        #: the client for this backend only: closing it before SIGTERM matters, because
+        #: llama-server waits for open keep-alive connections before it exits
+        self.client = _client(request_timeout)
 
     @classmethod
     def spawn(cls, model: str, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None,
-              log_lines: int = 400) -> BackendProcess:
+              log_lines: int = 400, request_timeout: float = 600.0) -> BackendProcess:
         """Start ``argv`` (never through a shell) in its own session with PDEATHSIG set.
 
         :raises BackendStartError: the program could not be executed.
@@ -114,7 +130,7 @@ class BackendProcess:
             raise BackendStartError(f"cannot start the backend of {model!r}: {argv[0]}: "
                                     f"{exc.strerror or exc}", model=model) from exc
         log.info("[%s] spawned pid %d on port %d: %s", model, popen.pid, port, " ".join(argv))
-        return cls(model, argv, port, popen, log_lines)
+        return cls(model, argv, port, popen, log_lines, request_timeout)
 
     @property
     def pid(self) -> int:
@@ -135,7 +151,7 @@ class BackendProcess:
         lowered = [n.lower() for n in needles]
         return any(n in line.lower() for line in self._log.tail(50) for n in lowered)
 
-    async def wait_healthy(self, client: httpx.AsyncClient, path: str, timeout: float) -> None:
+    async def wait_healthy(self, path: str, timeout: float) -> None:
         """Poll ``path`` until it answers 200, checking on every poll that the process lives.
 
         :raises BackendExited: the process exited first (with its code and log tail).
@@ -149,7 +165,7 @@ class BackendProcess:
                 await self._drain_log()
                 raise BackendExited(self.model, self.returncode, "during start", self.log_tail())
             try:
-                response = await client.get(url, timeout=1.0)
+                response = await self.client.get(url, timeout=1.0)
                 if response.status_code == 200:
                     log.info("[%s] healthy after %.3f s", self.model, time.monotonic() - self.started_at)
                     return
@@ -194,6 +210,8 @@ class BackendProcess:
         4. wait up to ``kill_wait`` seconds and reap; drop the pid record.
         """
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(1.0):
+                await self.client.aclose()
             if self.returncode is None:
                 self._signal_group(signal.SIGTERM)
                 with anyio.move_on_after(grace):
