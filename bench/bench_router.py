@@ -104,7 +104,7 @@ def main() -> None:
         before = router.spawn_count
         barrier = threading.Barrier(args.concurrency + 1)
 
-        def one() -> None:
+        def one(barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             router.load(model, ctx_size=2048, backend="llama-server")
 
