@@ -7,38 +7,101 @@ its records, the options and the errors. Load it in IPython with
 
 from __future__ import annotations
 
-from lemon_magic._policy import ModelState
-from lemon_magic.errors import (
-    BackendExited,
-    BackendStartError,
-    BackendUnavailable,
-    HealthCheckTimeout,
-    InferenceError,
-    InvalidModelFile,
-    InvalidOptions,
-    LemonError,
-    LoadCancelled,
-    LoadError,
-    ModelNotFound,
-    ModelNotLoaded,
-    NotEnoughMemory,
-    RouterClosed,
-    SlotsFull,
-    WaitTimeout,
-)
-from lemon_magic.options import LoadOptions, ResolvedOptions
-from lemon_magic.registry import DEFAULT_MODEL, Registry
-from lemon_magic.router import (
-    AsyncRouter,
-    Completion,
-    LoadResult,
-    ModelStatus,
-    Plan,
-    RouterConfig,
-    RouterEvent,
-    UnloadResult,
-)
-from lemon_magic.runtime import Router, Stream, get_router
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lemon_magic._policy import ModelState
+    from lemon_magic.errors import (
+        BackendExited,
+        BackendStartError,
+        BackendUnavailable,
+        HealthCheckTimeout,
+        InferenceError,
+        InvalidModelFile,
+        InvalidOptions,
+        LemonError,
+        LoadCancelled,
+        LoadError,
+        ModelNotFound,
+        ModelNotLoaded,
+        NotEnoughMemory,
+        RouterClosed,
+        SlotsFull,
+        WaitTimeout,
+    )
+    from lemon_magic.options import LoadOptions, ResolvedOptions
+    from lemon_magic.registry import DEFAULT_MODEL, Registry
+    from lemon_magic.router import (
+        AsyncRouter,
+        Completion,
+        LoadResult,
+        ModelStatus,
+        Plan,
+        RouterConfig,
+        RouterEvent,
+        UnloadResult,
+    )
+    from lemon_magic.runtime import Router, Stream, get_router
+
+# Names are imported on first use, so `import lemon_magic` and `%load_ext lemon_magic`
+# stay cheap (anyio, httpx and psutil load with the first router call).
+_LAZY = {
+    "ModelState": "_policy",
+    **dict.fromkeys(("BackendExited", "BackendStartError", "BackendUnavailable",
+                     "HealthCheckTimeout", "InferenceError", "InvalidModelFile", "InvalidOptions",
+                     "LemonError", "LoadCancelled", "LoadError", "ModelNotFound", "ModelNotLoaded",
+                     "NotEnoughMemory", "RouterClosed", "SlotsFull", "WaitTimeout"), "errors"),
+    "LoadOptions": "options", "ResolvedOptions": "options",
+    "DEFAULT_MODEL": "registry", "Registry": "registry",
+    **dict.fromkeys(("AsyncRouter", "Completion", "LoadResult", "ModelStatus", "Plan",
+                     "RouterConfig", "RouterEvent", "UnloadResult"), "router"),
+    "Router": "runtime", "Stream": "runtime", "get_router": "runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lemon_magic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lemon_magic.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext lemon_magic``: register the magics (the router starts on first use)."""
+    from lemon_magic.magics import LemonMagics, apply_pyproject, install_completers
+
+    magics = LemonMagics(shell=ipython)
+    ipython.register_magics(magics)
+    install_completers(ipython, magics)
+    import os
+    from pathlib import Path
+
+    applied = apply_pyproject(magics, Path(os.getcwd()))
+    if applied:
+        print(f"lemon_magic: settings from pyproject.toml: {', '.join(applied)}")
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext lemon_magic``: detach the magics; running backends keep running.
+
+    They live in ``lemon_magic.runtime``, so ``%reload_ext lemon_magic`` keeps
+    them too. ``%lemon_unload --all`` stops them; so does the kernel's exit.
+    """
+    from lemon_magic.magics import MAGIC_NAMES
+
+    manager = ipython.magics_manager
+    for kind in ("line", "cell"):
+        for name in MAGIC_NAMES:
+            manager.magics[kind].pop(name, None)
+    manager.registry.pop("LemonMagics", None)
+
 
 __version__ = "0.1.0"
 

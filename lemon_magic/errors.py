@@ -64,6 +64,10 @@ class LemonError(Exception):
         """The one-sentence description, without the log tail."""
         return str(self.args[0])
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback (the cell still fails)."""
+        return [f"{type(self).__name__}: {self.render()}"]
+
     def render(self) -> str:
         """The message followed by the backend's log tail, for display."""
         if not self.log_tail:

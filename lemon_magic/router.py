@@ -11,6 +11,7 @@ other models are not held up at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -82,6 +83,8 @@ class RouterConfig:
     log_lines: int = 400
     #: times a port clash is retried with a new port
     port_retries: int = 3
+    #: load options used where neither the request nor the model's registration sets one
+    default_options: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,7 @@ class AsyncRouter:
         self._default_backend: str | None = None
         self._threads = default_threads()
         # resolution is pure given (spec, request): memoised, so a no-op load does no I/O
-        self._resolved: dict[tuple[ModelSpec, LoadOptions], ResolvedOptions] = {}
+        self._resolved: dict[tuple[ModelSpec, LoadOptions, LoadOptions], ResolvedOptions] = {}
 
     async def __aenter__(self) -> AsyncRouter:
         reap_orphans()
@@ -292,6 +295,18 @@ class AsyncRouter:
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self._unload_all(reason="the router is closing")
+
+    def configure(self, changes: Mapping[str, Any]) -> RouterConfig:
+        """Replace fields of the config; they apply to every later decision and wait.
+
+        :raises InvalidOptions: an unknown field.
+        """
+        known = {f.name for f in dataclasses.fields(RouterConfig)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidOptions(f"unknown router setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        self.config = dataclasses.replace(self.config, **changes)
+        return self.config
 
     def kill_all_now(self) -> None:
         """Last resort for exit paths: SIGKILL every backend without using the loop."""
@@ -357,17 +372,18 @@ class AsyncRouter:
                                  "'llama-cpp-python[server]'")
 
     def resolve(self, spec: ModelSpec, requested: LoadOptions) -> ResolvedOptions:
-        """Fill in defaults and make "auto" concrete, in this order: request, model, router.
+        """Fill in defaults and make "auto" concrete, in this order: the request, the model's
+        registration, ``config.default_options``, then the router's own defaults.
 
         :raises InvalidOptions: a value the model or backend cannot take.
         """
-        key = (spec, requested)
+        key = (spec, requested, self.config.default_options)
         cached = self._resolved.get(key)
         if cached is not None:
             return cached
         if len(self._resolved) > 512:
             self._resolved.clear()
-        opts = requested.merged_over(spec.defaults)
+        opts = requested.merged_over(spec.defaults).merged_over(self.config.default_options)
         info = spec.info
         backend = opts.backend or self.default_backend()
         ctx = opts.ctx_size or min(DEFAULT_CTX_SIZE, info.context_length or DEFAULT_CTX_SIZE)
@@ -835,8 +851,13 @@ class AsyncRouter:
 
     async def stream(self, model: str, path: str, payload: dict[str, Any], *,
                      load_options: LoadOptions | None = None,
+                     on_load: Callable[[LoadResult], None] | None = None,
                      on_done: Callable[[Completion], None] | None = None) -> AsyncIterator[Chunk]:
-        """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``)."""
+        """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``).
+
+        ``on_load`` is called once the backend answers (with how the model was
+        loaded), ``on_done`` once the stream ends (with the whole completion).
+        """
         chat = "chat" in path
         parts: list[str] = []
         last: dict[str, Any] = {}
@@ -844,6 +865,8 @@ class AsyncRouter:
         load: LoadResult | None = None
         async for this_load, event in self._post(model, path, {**payload, "stream": True},
                                                  load_options):
+            if load is None and on_load is not None:
+                on_load(this_load)
             load, last = this_load, event
             choice = (event.get("choices") or [{}])[0]
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")

@@ -64,12 +64,16 @@ class Stream(Iterator[str]):
 
     def __init__(self, portal: BlockingPortal, start: Callable[..., Any]) -> None:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pending: list[object] = []
+        #: how the model was loaded for this request (set when the backend starts answering)
+        self.load: LoadResult | None = None
+        #: the whole response, once the stream is exhausted
         self.completion: Completion | None = None
         self._future = portal.start_task_soon(self._pump, start)
 
     async def _pump(self, start: Callable[..., Any]) -> None:
         try:
-            async for chunk in start(on_done=self._done):
+            async for chunk in start(on_load=self._queue.put, on_done=self._done):
                 self._queue.put(chunk)
         except Exception as exc:
             self._queue.put(exc)
@@ -79,24 +83,45 @@ class Stream(Iterator[str]):
     def _done(self, completion: Completion) -> None:
         self.completion = completion
 
-    def __next__(self) -> str:
+    def _get(self) -> object:
+        """The next queued item; waits in short slices so that Ctrl-C / Stop gets through."""
+        if self._pending:
+            return self._pending.pop(0)
         try:
             while True:
                 try:
-                    item = self._queue.get(timeout=0.2)
-                    break
+                    return self._queue.get(timeout=0.2)
                 except queue.Empty:
                     continue
         except KeyboardInterrupt:
             self.close()
             raise
-        if item is _END:
-            self._queue.put(_END)  # stay exhausted
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        assert isinstance(item, Chunk)
-        return item.text
+
+    def wait_loaded(self) -> LoadResult | None:
+        """Block until the backend answers; ``None`` if the stream failed or ended first."""
+        while self.load is None:
+            item = self._get()
+            if isinstance(item, LoadResult):
+                self.load = item
+                continue
+            self._pending.append(item)
+            if item is _END or isinstance(item, BaseException):
+                break
+        return self.load
+
+    def __next__(self) -> str:
+        while True:
+            item = self._get()
+            if isinstance(item, LoadResult):
+                self.load = item
+                continue
+            if item is _END:
+                self._pending.append(_END)  # stay exhausted
+                raise StopIteration
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Chunk)
+            return item.text
 
     def close(self) -> None:
         """Cancel the request if it is still running."""
@@ -213,6 +238,10 @@ class Router:
     def logs(self, model: str, n: int = 50) -> list[str]:
         """The last ``n`` lines of ``model``'s backend log."""
         return self._call_sync(self._async.log_tail, model, n)
+
+    def configure(self, **changes: Any) -> RouterConfig:
+        """Change ``RouterConfig`` fields (timeouts, slots, memory limit) of the running router."""
+        return self._call_sync(self._async.configure, changes)
 
     def subscribe(self, callback: Callable[[RouterEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` on every state change (on the router's thread)."""

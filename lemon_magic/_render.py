@@ -1,0 +1,85 @@
+"""Tables the magics return: plain text for terminals and nbval, HTML for notebooks."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+
+from lemon_magic.registry import Registry
+from lemon_magic.router import ModelStatus
+
+__all__ = ("ModelsTable", "StatusTable")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join([line, *body])
+
+
+def _html(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r)
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _options(s: ModelStatus) -> str:
+    if s.options is None:
+        return ""
+    parts = [f"ctx {s.options.ctx_size}", f"threads {s.options.threads}"]
+    if s.options.chat_template:
+        parts.append(f"template {s.options.chat_template}")
+    if s.options.extra_args:
+        parts.append(" ".join(s.options.extra_args))
+    return ", ".join(parts)
+
+
+class StatusTable:
+    """What ``%lemon_status`` shows: one row per model the router knows."""
+
+    headers = ("model", "state", "backend", "pid", "options", "memory", "last load", "last error")
+
+    def __init__(self, statuses: Sequence[ModelStatus]) -> None:
+        self.statuses = list(statuses)
+
+    def rows(self) -> list[list[str]]:
+        return [[s.name, str(s.state) + (" (pinned)" if s.pinned else ""), s.backend or "",
+                 str(s.pid or ""), _options(s), f"{s.rss / 2**20:.0f} MiB" if s.rss else "",
+                 f"{s.load_seconds:.2f} s" if s.load_seconds else "",
+                 (s.last_error or "").splitlines()[0] if s.last_error else ""]
+                for s in self.statuses]
+
+    def __repr__(self) -> str:
+        return _table(self.headers, self.rows()) if self.statuses else "no models loaded yet"
+
+    def _repr_html_(self) -> str:
+        return _html(self.headers, self.rows()) if self.statuses else "<i>no models loaded yet</i>"
+
+
+class ModelsTable:
+    """What ``%lemon_models`` shows: every registered or built-in model and its state."""
+
+    headers = ("model", "source", "kind", "state", "file")
+
+    def __init__(self, registry: Registry, states: Mapping[str, ModelStatus]) -> None:
+        self.rows_: list[list[str]] = []
+        for name in registry.names():
+            try:
+                spec = registry._lookup(name)
+                source, kind, path = spec.source, spec.kind, str(spec.path)
+            except Exception as exc:  # a registration whose file went away still gets a row
+                source, kind, path = "?", "?", f"({exc})"
+            state = states[name].state if name in states else "unloaded"
+            self.rows_.append([name, source, kind, str(state), path])
+        for name, status in states.items():
+            if name not in registry.names():
+                self.rows_.append([name, "path", status.kind, str(status.state), name])
+
+    def __repr__(self) -> str:
+        return _table(self.headers, self.rows_)
+
+    def _repr_html_(self) -> str:
+        return _html(self.headers, self.rows_)

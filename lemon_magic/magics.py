@@ -1,0 +1,431 @@
+"""The IPython magics: parse the line, make one router call, render the result.
+
+No load decision is made here: the router decides, the magics only report.
+Output is written from the main thread while the cell runs (the only way that
+is both live in the notebook and seen by nbval); errors raise, so the cell
+fails with a short message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Int, Unicode, observe
+
+from lemon_magic import _render
+from lemon_magic.errors import LemonError
+from lemon_magic.options import LoadOptions
+from lemon_magic.registry import DEFAULT_MODEL, Registry
+from lemon_magic.router import Completion, LoadResult
+from lemon_magic.runtime import Router, get_router
+
+__all__ = ("InferenceText", "Interrupted", "LemonMagics")
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
+_NBVAL_MARKER = re.compile(r"^\s*#\s*NBVAL_\w+\s*$", re.MULTILINE)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when Stop interrupts a magic; IPython shows only its one-line note."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"interrupted: {self.args[0]}"]
+
+
+class InferenceText(str):
+    """The text ``%%lemon_infer -o VAR`` stores: a ``str``, with the full response attached."""
+
+    completion: Completion | None
+
+    def __new__(cls, text: str, completion: Completion | None) -> InferenceText:
+        obj = super().__new__(cls, text)
+        obj.completion = completion
+        return obj
+
+
+def _no_abbrev(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse argparse prefix matches (``--ctx`` for ``--ctx-size``): they hide typos."""
+    func.parser.allow_abbrev = False  # type: ignore[attr-defined]
+    return func
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s:.1f} s"
+
+
+def describe_load(r: LoadResult) -> str:
+    """One line for what a load did, as ``%lemon_load`` prints it."""
+    if r.action == "noop":
+        return f"already loaded with these options (no-op, {_seconds(r.seconds)})"
+    where = f"{r.backend}, pid {r.pid}, ctx {r.options.ctx_size}"
+    joined = "; joined a load already in flight" if r.joined else ""
+    if r.action == "reloaded" and r.previous_options is not None:
+        return (f"reloaded {r.model}: {r.previous_options.describe_diff(r.options)} "
+                f"({_seconds(r.seconds)}; {where}{joined})")
+    return f"loaded {r.model} in {_seconds(r.seconds)} ({where}{joined})"
+
+
+def _load_note(r: LoadResult) -> str | None:
+    """What an inference cell says about the load it triggered, if anything."""
+    if r.options_differ:
+        diff = ", ".join(f"{k} {loaded} (asked {asked})" for k, (loaded, asked) in r.options_differ.items())
+        return (f"note: {r.model} is loaded with {diff}; using it as it is "
+                f"(%lemon_load to reload)")
+    if r.action == "loaded":
+        return f"auto-loaded {r.model} in {_seconds(r.seconds)} ({r.backend}, pid {r.pid})"
+    return None
+
+
+@magics_class
+class LemonMagics(Magics):
+    """Magics that load local LLMs declaratively and run inference on them.
+
+    Defaults are traits: ``%config LemonMagics.ctx_size = 8192``, or
+    ``[tool.lemon_magic]`` in a ``pyproject.toml`` next to the notebook.
+    """
+
+    default_model = Unicode(DEFAULT_MODEL, help="model used when a magic names none").tag(config=True)
+    ctx_size = Int(None, allow_none=True, help="default context size for loads").tag(config=True)
+    threads = Int(None, allow_none=True, help="default CPU threads for loads").tag(config=True)
+    backend = Unicode(None, allow_none=True,
+                      help="default backend: llama-server, llama-cpp-python or auto").tag(config=True)
+    stream = Bool(True, help="stream tokens into the cell as they arrive").tag(config=True)
+    max_tokens = Int(256, help="default max_tokens for %%lemon_infer").tag(config=True)
+    start_timeout = Float(120.0, help="seconds a backend may take to become healthy").tag(config=True)
+    request_timeout = Float(600.0, help="seconds one inference request may take").tag(config=True)
+    load_wait_timeout = Float(300.0, help="seconds a call waits for a load in flight").tag(config=True)
+
+    _ROUTER_SETTINGS = ("start_timeout", "request_timeout", "load_wait_timeout")
+    _LOAD_DEFAULTS = ("ctx_size", "threads", "backend")
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        self._router: Router | None = None  # before super(): config may fire the observers
+        super().__init__(shell, **kwargs)
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def router(self) -> Router:
+        """The process's router, with this instance's settings applied."""
+        if self._router is None or self._router.closed:
+            self._router = get_router()
+            self._router.configure(**self._router_settings())
+        return self._router
+
+    def _router_settings(self) -> dict[str, Any]:
+        settings = {k: getattr(self, k) for k in self._ROUTER_SETTINGS}
+        settings["default_options"] = LoadOptions.from_kwargs(
+            {k: getattr(self, k) for k in self._LOAD_DEFAULTS if getattr(self, k) is not None})
+        return settings
+
+    @observe(*_ROUTER_SETTINGS, *_LOAD_DEFAULTS)
+    def _router_setting_changed(self, change: dict[str, Any]) -> None:
+        # the load defaults are router settings (below a model's registration), so the magics,
+        # the Python API and the widgets all resolve options the same way
+        self.router.configure(**self._router_settings())
+
+    def _model(self, name: str | None) -> str:
+        return name or self.default_model
+
+    # ----------------------------------------------------------------- %lemon_load
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("model", nargs="?",
+              help="a registered name or a .gguf path (default: LemonMagics.default_model)")
+    @argument("--ctx-size", help="context size in tokens, or auto")
+    @argument("--threads", help="CPU threads, or auto")
+    @argument("--backend", help="llama-server, llama-cpp-python or auto")
+    @argument("--extra-args", help='more backend flags, as one quoted string: --extra-args="--flash-attn on"')
+    @argument("--chat-template", help="a chat template name the backend knows (e.g. gemma)")
+    @argument("--pin", action="store_true", help="never evict this model to make room")
+    @argument("--unpin", action="store_true", help="let this model be evicted again")
+    @line_magic
+    def lemon_load(self, line: str) -> None:
+        """Ensure a model is loaded with these options (declarative).
+
+        Same options as loaded: a no-op. Other options: the old backend is
+        stopped and a new one started, atomically. Concurrent loads of one
+        model share a single start.
+
+        In [1]: %lemon_load gemma3-270m --ctx-size 4096
+        loaded gemma3-270m in 0.8 s (llama-server, pid 4242, ctx 4096)
+        In [2]: %lemon_load gemma3-270m --ctx-size 4096
+        already loaded with these options (no-op, 0.05 ms)
+        In [3]: %lemon_load gemma3-270m --ctx-size 8192
+        reloaded gemma3-270m: ctx_size 4096 → 8192 (0.8 s; llama-server, pid 4243, ctx 8192)
+        """
+        args = parse_argstring(self.lemon_load, line)
+        if args.pin and args.unpin:
+            raise UsageError("--pin and --unpin contradict each other")
+        given = {"ctx_size": args.ctx_size, "threads": args.threads, "backend": args.backend,
+                 "extra_args": args.extra_args, "chat_template": args.chat_template}
+        options = {k: v for k, v in given.items() if v is not None}
+        pin = True if args.pin else (False if args.unpin else None)
+        model = self._model(args.model)
+        try:
+            result = self.router.load(model, pin=pin, **options)
+        except KeyboardInterrupt:
+            raise Interrupted(f"stopped waiting; the load of {model} goes on in the background "
+                              f"(%lemon_unload {model} stops it)") from None
+        print(describe_load(result))
+
+    # ----------------------------------------------------------------- %%lemon_infer
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("-m", "--model", help="model to use (default: LemonMagics.default_model)")
+    @argument("--chat", action="store_true", help="chat (the cell is the user message) instead of completion")
+    @argument("--system", help="system message for --chat")
+    @argument("--max-tokens", type=int, help="at most this many tokens (default: LemonMagics.max_tokens)")
+    @argument("--temperature", type=float, help="sampling temperature (0: deterministic)")
+    @argument("--top-p", type=float, help="nucleus sampling")
+    @argument("--seed", type=int, help="sampling seed")
+    @argument("--stop", action="append", help="stop sequence (repeatable)")
+    @argument("--no-stream", action="store_true", help="print the whole text at the end")
+    @argument("-o", "--output", help="store the text in this variable (its .completion is the full response)")
+    @argument("-i", "--interpolate", action="store_true",
+              help="replace {{name}} with notebook variables (other braces are left alone)")
+    @cell_magic
+    def lemon_infer(self, line: str, cell: str) -> None:
+        """Run the cell as a prompt: completion by default, chat with --chat.
+
+        Tokens stream into the cell as they arrive. Inference loads the model if
+        needed but never reloads it: loaded with other options, it is used as it
+        is and the cell says so.
+
+        In [1]: %%lemon_infer -m gemma3-270m --max-tokens 16 --temperature 0 -o story
+           ...: Once upon a time
+        , there was a little girl named Lily.
+        """
+        args = parse_argstring(self.lemon_infer, line)
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o needs a variable name, got {args.output!r}")
+        prompt = _NBVAL_MARKER.sub("", cell).strip("\n")
+        if args.interpolate:
+            prompt = self._interpolate(prompt)
+        if not prompt.strip():
+            raise UsageError("the cell is empty: write a prompt below %%lemon_infer")
+        model = self._model(args.model)
+        sampling = {"max_tokens": args.max_tokens or self.max_tokens, "temperature": args.temperature,
+                    "top_p": args.top_p, "seed": args.seed, "stop": args.stop}
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            messages.append({"role": "user", "content": prompt})
+            call: Callable[..., Any] = lambda **kw: self.router.chat(model, messages, **kw)  # noqa: E731
+        elif args.system:
+            raise UsageError("--system needs --chat")
+        else:
+            call = lambda **kw: self.router.complete(model, prompt, **kw)  # noqa: E731
+        completion: Completion | None
+        if args.no_stream or not self.stream:
+            completion = self._run_whole(call, sampling)
+        else:
+            completion = self._run_streamed(call, sampling)
+        if args.output:
+            self._user_ns[args.output] = InferenceText(completion.text if completion else "",
+                                                            completion)
+
+    def _run_whole(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion:
+        try:
+            completion: Completion = call(stream=False, **sampling)
+        except KeyboardInterrupt:
+            raise Interrupted("the request was cancelled") from None
+        note = _load_note(completion.load)
+        if note:
+            print(note)
+        print(completion.text)
+        return completion
+
+    def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion | None:
+        stream = call(stream=True, **sampling)
+        out = sys.stdout
+        try:
+            load = stream.wait_loaded()
+            note = load and _load_note(load)
+            if note:
+                print(note)
+            for chunk in stream:
+                out.write(chunk)
+                out.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            out.write("\n")
+            raise Interrupted("generation stopped; the text above is partial") from None
+        out.write("\n")
+        done: Completion | None = stream.completion
+        return done
+
+    @property
+    def _user_ns(self) -> dict[str, Any]:
+        if self.shell is None:
+            raise UsageError("lemon_magic's magics need an IPython shell")
+        ns: dict[str, Any] = self.shell.user_ns
+        return ns
+
+    def _interpolate(self, prompt: str) -> str:
+        ns = self._user_ns
+
+        def value(match: re.Match[str]) -> str:
+            first, *rest = match.group(1).split(".")
+            if first not in ns:
+                raise UsageError(f"{{{{{match.group(1)}}}}}: no variable {first!r} in the notebook")
+            obj = ns[first]
+            for attr in rest:
+                try:
+                    obj = getattr(obj, attr)
+                except AttributeError:
+                    raise UsageError(f"{{{{{match.group(1)}}}}}: {type(obj).__name__} has no "
+                                     f"attribute {attr!r}") from None
+            return str(obj)
+
+        return _PLACEHOLDER.sub(value, prompt)
+
+    # ----------------------------------------------------------------- %lemon_unload
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("model", nargs="?", help="model to unload (default: LemonMagics.default_model)")
+    @argument("--all", action="store_true", help="unload every model")
+    @line_magic
+    def lemon_unload(self, line: str) -> None:
+        """Stop a model's backend (a load in flight is cancelled).
+
+        In [1]: %lemon_unload gemma3-270m
+        unloaded gemma3-270m (pid 4242) in 0.1 s
+        """
+        args = parse_argstring(self.lemon_unload, line)
+        if args.all and args.model:
+            raise UsageError("give a model or --all, not both")
+        try:
+            results = self.router.unload_all() if args.all else [self.router.unload(self._model(args.model))]
+        except KeyboardInterrupt:
+            raise Interrupted("stopped waiting; the unload goes on in the background") from None
+        if not results:
+            print("nothing was loaded")
+        for r in results:
+            what = "cancelled the load of" if r.cancelled_load else "unloaded"
+            pid = f" (pid {r.pid})" if r.pid else ""
+            print(f"{what} {r.model}{pid} in {_seconds(r.seconds)}")
+
+    # ----------------------------------------------------------------- read-only magics
+
+    @line_magic
+    def lemon_status(self, line: str) -> _render.StatusTable:
+        """Every model the router knows: state, backend, pid, options, memory, timings, errors.
+
+        In [1]: %lemon_status
+        """
+        if line.strip():
+            raise UsageError("%lemon_status takes no arguments")
+        return _render.StatusTable(self.router.status())
+
+    @line_magic
+    def lemon_models(self, line: str) -> _render.ModelsTable:
+        """Built-in and registered models, and which of them are loaded.
+
+        In [1]: %lemon_models
+        """
+        if line.strip():
+            raise UsageError("%lemon_models takes no arguments")
+        registry = self.router.async_router.registry
+        states = {s.name: s for s in self.router.status()}
+        return _render.ModelsTable(registry, states)
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("model", nargs="?", help="model (default: LemonMagics.default_model)")
+    @argument("-n", type=int, default=40, help="number of lines (default 40)")
+    @line_magic
+    def lemon_logs(self, line: str) -> None:
+        """The tail of a model's backend log (of its last process if it stopped).
+
+        In [1]: %lemon_logs gemma3-270m -n 5
+        """
+        args = parse_argstring(self.lemon_logs, line)
+        if args.n <= 0:
+            raise UsageError(f"-n must be a positive number of lines, got {args.n}")
+        for log_line in self.router.logs(self._model(args.model), args.n):
+            print(log_line)
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("name", help="the name to register")
+    @argument("path", help="path of the .gguf file")
+    @argument("--kind", default="llm", help="llm, embedding or reranking")
+    @argument("--ctx-size", help="default context size")
+    @argument("--threads", help="default CPU threads")
+    @argument("--backend", help="default backend")
+    @argument("--chat-template", help="default chat template")
+    @argument("--description", default="", help="a note shown by %%lemon_models")
+    @line_magic
+    def lemon_register(self, line: str) -> None:
+        """Give a GGUF file a name, with default load options (kept across sessions).
+
+        In [1]: %lemon_register tiny /data/tiny.gguf --ctx-size 2048
+        registered tiny → /data/tiny.gguf
+        """
+        args = parse_argstring(self.lemon_register, line)
+        defaults = {k: v for k, v in {"ctx_size": args.ctx_size, "threads": args.threads,
+                                      "backend": args.backend,
+                                      "chat_template": args.chat_template}.items() if v is not None}
+        spec = self.router.async_router.registry.register(args.name, args.path, kind=args.kind,
+                                                          description=args.description, **defaults)
+        print(f"registered {spec.name} → {spec.path}")
+
+    # ----------------------------------------------------------------- completion
+
+    def complete_model_names(self, text: str) -> list[str]:
+        """Model names for tab completion: registered names and models the router knows."""
+        names = set(Registry().names())
+        if self._router is not None and not self._router.closed:
+            names.update(s.name for s in self._router.status())
+        return sorted(n for n in names if n.startswith(text))
+
+
+MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
+               "lemon_logs", "lemon_register")
+
+
+def apply_pyproject(magics: LemonMagics, directory: Path) -> list[str]:
+    """Apply ``[tool.lemon_magic]`` from ``directory/pyproject.toml``; returns what it set.
+
+    :raises LemonError: the table names a setting that does not exist.
+    """
+    path = directory / "pyproject.toml"
+    if not path.is_file():
+        return []
+    import tomllib
+
+    try:
+        table = tomllib.loads(path.read_text()).get("tool", {}).get("lemon_magic", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LemonError(f"cannot read {path}: {exc}") from None
+    known = set(magics.class_trait_names(config=True))
+    applied = []
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise LemonError(f"{path}: [tool.lemon_magic] has no setting {key!r} "
+                             f"(known: {', '.join(sorted(known))})")
+        setattr(magics, name, value)
+        applied.append(f"{name}={value!r}")
+    return applied
+
+
+def install_completers(shell: Any, magics: LemonMagics) -> None:
+    """Tab-complete model names after the magics that take one."""
+
+    def complete(_self: Any, event: Any) -> Iterable[str]:
+        return magics.complete_model_names(event.symbol)
+
+    for name in ("lemon_load", "lemon_unload", "lemon_logs", "lemon_infer"):
+        for prefix in ("%", "%%"):
+            shell.set_hook("complete_command", complete, str_key=f"{prefix}{name}")
