@@ -193,6 +193,8 @@ class LemonMagics(Magics):
     @argument("-o", "--output", help="store the text in this variable (its .completion is the full response)")
     @argument("-i", "--interpolate", action="store_true",
               help="replace {{name}} with notebook variables (other braces are left alone)")
+    @argument("--ctx-size", help="context size to load with if the model is not loaded yet "
+                                 "(a loaded model is used as it is)")
     @cell_magic
     def lemon_infer(self, line: str, cell: str) -> None:
         """Run the cell as a prompt: completion by default, chat with --chat.
@@ -215,7 +217,8 @@ class LemonMagics(Magics):
             raise UsageError("the cell is empty: write a prompt below %%lemon_infer")
         model = self._model(args.model)
         sampling = {"max_tokens": args.max_tokens or self.max_tokens, "temperature": args.temperature,
-                    "top_p": args.top_p, "seed": args.seed, "stop": args.stop}
+                    "top_p": args.top_p, "seed": args.seed, "stop": args.stop,
+                    "load_options": LoadOptions(ctx_size=args.ctx_size) if args.ctx_size else None}
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": prompt})

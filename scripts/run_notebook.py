@@ -1,8 +1,9 @@
 """Execute a notebook with nbclient and print each cell with its outputs (text only).
 
-    .venv/bin/python scripts/run_notebook.py notebooks/quickstart.ipynb
+    .venv/bin/python scripts/run_notebook.py notebooks/quickstart.ipynb [--write]
 
-Exits non-zero if any cell fails.
+``--write`` saves the outputs into the notebook (the references nbval compares
+against). Exits non-zero if any cell fails.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _text(output: dict) -> str:
     return str(output.get("data", {}).get("text/plain", "")) + "\n"
 
 
-def main(path: str) -> int:
+def main(path: str, write: bool = False) -> int:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3")
     failed = False
@@ -39,8 +40,10 @@ def main(path: str) -> int:
         if text:
             print(text)
         print()
+    if write and not failed:
+        nbformat.write(nb, path)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], "--write" in sys.argv[2:]))
