@@ -51,8 +51,11 @@ def _client(timeout: float) -> httpx.AsyncClient:
     global _ssl_context
     if _ssl_context is None:
         _ssl_context = ssl.create_default_context()
+    # No keep-alive: llama-server may close an idle connection just as we reuse it
+    # ("Server disconnected without sending a response"), and it delays its exit on
+    # SIGTERM while one is open. A loopback connect costs well under a millisecond.
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), verify=_ssl_context,
-                             trust_env=False)
+                             trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def free_port() -> int:
@@ -109,8 +112,7 @@ class BackendProcess:
         assert popen.stdout is not None
         self._log = _LogRing(popen.stdout, log_lines, f"{model}-{popen.pid}")
         self._record = _pidfile.record(popen.pid, self.argv)
-        #: the client for this backend only: closing it before SIGTERM matters, because
-        #: llama-server waits for open keep-alive connections before it exits
+        #: the client for this backend only (closed before SIGTERM)
         self.client = _client(request_timeout)
 
     @classmethod
