@@ -100,7 +100,12 @@ def unload_ipython_extension(ipython: Any) -> None:
     for kind in ("line", "cell"):
         for name in MAGIC_NAMES:
             manager.magics[kind].pop(name, None)
-    manager.registry.pop("LemonMagics", None)
+    instance = manager.registry.pop("LemonMagics", None)
+    # Magics registers itself as a configurable; drop it, or %config would still reach it
+    # (and its observers) after %unload_ext or %reload_ext
+    configurables = getattr(ipython, "configurables", [])
+    if instance in configurables:
+        configurables.remove(instance)
 
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Float, Int, Unicode, observe
 
 from lemon_magic import _render
+from lemon_magic._policy import ModelState
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import DEFAULT_MODEL, Registry
@@ -130,6 +131,22 @@ class LemonMagics(Magics):
         # the load defaults are router settings (below a model's registration), so the magics,
         # the Python API and the widgets all resolve options the same way
         self.router.configure(**self._router_settings())
+        if change["name"] in self._LOAD_DEFAULTS:
+            self._warn_about_next_loads()
+
+    def _warn_about_next_loads(self) -> None:
+        """Say which loaded models the next plain ``%lemon_load MODEL`` would now reload."""
+        for status in self.router.status():
+            if status.state is not ModelState.READY:
+                continue
+            try:
+                plan = self.router.plan(status.name)
+            except LemonError as exc:
+                print(f"note: the next %lemon_load {status.name} would fail: {exc.message}")
+                continue
+            if plan.action == "reload" and plan.current is not None:
+                print(f"note: the next %lemon_load {status.name} will reload it: "
+                      f"{plan.current.describe_diff(plan.options)}")
 
     def _model(self, name: str | None) -> str:
         return name or self.default_model
@@ -171,6 +188,9 @@ class LemonMagics(Magics):
         pin = True if args.pin else (False if args.unpin else None)
         model = self._model(args.model)
         try:
+            plan = self.router.plan(model, **options)
+            if plan.action == "reload":
+                print(plan.describe() + " …", flush=True)  # said before the old process goes
             result = self.router.load(model, pin=pin, **options)
         except KeyboardInterrupt:
             raise Interrupted(f"stopped waiting; the load of {model} goes on in the background "
@@ -383,6 +403,21 @@ class LemonMagics(Magics):
                                                           description=args.description, **defaults)
         print(f"registered {spec.name} → {spec.path}")
 
+    @line_magic
+    def lemon_panel(self, line: str) -> Any:
+        """Show the kernel's panel: live model rows and a load form that warns before a reload.
+
+        In [1]: %lemon_panel
+        """
+        if line.strip():
+            raise UsageError("%lemon_panel takes no arguments")
+        global _panel
+        if _panel is None or _panel.router is not self.router or _panel.router.closed:
+            from lemon_magic.widgets import LemonPanel
+
+            _panel = LemonPanel(self.router)
+        return _panel
+
     # ----------------------------------------------------------------- completion
 
     def complete_model_names(self, text: str) -> list[str]:
@@ -394,7 +429,8 @@ class LemonMagics(Magics):
 
 
 MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
-               "lemon_logs", "lemon_register")
+               "lemon_logs", "lemon_register", "lemon_panel")
+_panel: Any = None  # the kernel's panel (one per kernel)
 
 
 def apply_pyproject(magics: LemonMagics, directory: Path) -> list[str]:

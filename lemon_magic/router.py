@@ -130,20 +130,35 @@ class Plan:
     options: ResolvedOptions
     current: ResolvedOptions | None
     diff: Mapping[str, tuple[Any, Any]]
-    #: rough duration from the last load of this model (``None`` if never loaded)
-    estimate_seconds: float | None
+    #: spawn-to-healthy seconds of this model's last load (``None`` if never loaded)
+    last_load_seconds: float | None = None
+    #: for a reload: seconds its last stop took (``None`` if never stopped)
+    last_stop_seconds: float | None = None
+
+    @property
+    def estimate_seconds(self) -> float | None:
+        """A rough duration: the last load, plus the last stop for a reload."""
+        if self.last_load_seconds is None:
+            return None
+        return self.last_load_seconds + (self.last_stop_seconds or 0.0)
 
     def describe(self) -> str:
-        """One line such as ``will reload gemma3-270m: ctx_size 4096 → 8192``."""
+        """One line, e.g. ``will reload gemma3-270m: ctx_size 4096 → 8192 — about 1.3 s
+        (last load 1.1 s + stop)``."""
         if self.action == "noop":
             return "no change (no-op)"
-        if self.action == "load":
-            return f"will load {self.model}"
         if self.action == "wait":
             return f"{self.model} is loading; the load will wait for it, then decide"
+        estimate = ""
+        if self.last_load_seconds is not None:
+            stop = " + stop" if self.action == "reload" else ""
+            parts = f"last load {self.last_load_seconds:.1f} s{stop}"
+            assert self.estimate_seconds is not None
+            estimate = f" — about {self.estimate_seconds:.1f} s ({parts})"
+        if self.action == "load":
+            return f"will load {self.model}{estimate}"
         assert self.current is not None
-        est = f" (about {self.estimate_seconds:.1f} s)" if self.estimate_seconds else ""
-        return f"will reload {self.model}: {self.current.describe_diff(self.options)}{est}"
+        return f"will reload {self.model}: {self.current.describe_diff(self.options)}{estimate}"
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,8 @@ class ModelStatus:
     requests_in_flight: int
     last_error: str | None
     log_tail: tuple[str, ...]
+    #: wall-clock time the model entered its current state (uptime when ready, elapsed when loading)
+    since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,7 @@ class _Model:
     last_load: _Load | None = None
     load_seconds: float | None = None
     busy: int = 0
+    stop_seconds: float | None = None
     idle: anyio.Event = field(default_factory=anyio.Event)
     pinned: bool = False
     last_used: float = 0.0  # monotonic, for LRU
@@ -324,6 +342,18 @@ class AsyncRouter:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
+    def _notify(self, m: _Model, detail: str) -> None:
+        """An event without a transition (``old == new``): requests started or all finished."""
+        self._emit(RouterEvent(m.name, m.state, m.state, time.time(), 0.0, detail,
+                               m.process.pid if m.process else None))
+
+    def _emit(self, event: RouterEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # a broken subscriber must not break the router
+                log.exception("[%s] event subscriber failed", event.model)
+
     def _set_state(self, m: _Model, new: ModelState, detail: str = "") -> None:
         """The only writer of ``m.state``: checks the transition table, logs, notifies."""
         old = m.state
@@ -336,11 +366,7 @@ class AsyncRouter:
         m.changed.set()
         m.changed = anyio.Event()
         log.info("[%s] %s -> %s%s", m.name, old, new, f" ({detail})" if detail else "")
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:  # a broken subscriber must not break the router
-                log.exception("[%s] event subscriber failed", m.name)
+        self._emit(event)
 
     # ----------------------------------------------------------------- resolution
 
@@ -437,6 +463,8 @@ class AsyncRouter:
                         m.preferred = requested
                     if _acquire:
                         m.busy += 1
+                        if m.busy == 1:
+                            self._notify(m, "generating")
                     done = joined or started_here
                     return LoadResult(
                         name, done.action if done else "noop", m.options.backend, m.process.pid,
@@ -559,7 +587,9 @@ class AsyncRouter:
                     if old is not None:
                         await self._drain(m)
                         self._cancel_watcher(m)
+                        began = time.monotonic()
                         await old.stop(self.config.stop_grace)
+                        m.stop_seconds = time.monotonic() - began
                         m.process = None
                 process = await self._spawn_healthy(m, load.options)
             if load.scope.cancelled_caught:
@@ -665,7 +695,9 @@ class AsyncRouter:
         self._cancel_watcher(m)
         process = m.process
         if process is not None:
+            began = time.monotonic()
             await process.stop(self.config.stop_grace)
+            m.stop_seconds = time.monotonic() - began
             m.dead_log = tuple(process.log_tail(50))
         m.process, m.options = None, None
         self._set_state(m, ModelState.UNLOADED, f"pid {process.pid} stopped" if process else "")
@@ -754,11 +786,10 @@ class AsyncRouter:
         action: Literal["noop", "load", "reload", "wait"] = {
             Decision.USE: "noop", Decision.START: "load", Decision.RELOAD: "reload",
             Decision.WAIT_LOAD: "wait", Decision.WAIT_STOP: "wait"}[decision]  # type: ignore[assignment]
-        estimate = None
-        if m is not None and m.load_seconds is not None:
-            estimate = m.load_seconds + (0.3 if action == "reload" else 0.0)
+        last_load = m.load_seconds if m is not None else None
+        last_stop = m.stop_seconds if m is not None else None
         return Plan(spec.name, action, wanted, current, current.diff(wanted) if current else {},
-                    estimate)
+                    last_load, last_stop if action == "reload" else None)
 
     def status(self) -> list[ModelStatus]:
         """A snapshot of every model the router knows, loaded or not."""
@@ -771,7 +802,8 @@ class AsyncRouter:
                 proc.pid if proc else None, proc.url if proc else None, m.options,
                 view.rss if proc else None, m.pinned, m.load_seconds, m.last_used_wall, m.busy,
                 m.last_error.render() if m.last_error else None,
-                tuple(proc.log_tail(20)) if proc else m.dead_log[-20:]))
+                tuple(proc.log_tail(20)) if proc else m.dead_log[-20:],
+                time.time() - (time.monotonic() - m.state_since)))
         return out
 
     def log_tail(self, model: str, n: int = 50) -> list[str]:
@@ -846,6 +878,7 @@ class AsyncRouter:
         finally:
             m.busy -= 1
             if m.busy == 0:
+                self._notify(m, "idle")
                 m.idle.set()
                 m.idle = anyio.Event()
 

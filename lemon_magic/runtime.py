@@ -216,6 +216,21 @@ class Router:
                 return fast
         return self._call(self._async.ensure_loaded, model, requested, explicit=True, pin=pin)
 
+    def load_soon(self, model: str, *, pin: bool | None = None,
+                  **options: Any) -> concurrent.futures.Future[LoadResult]:
+        """Start :meth:`load` without waiting: a future of its result (for UIs)."""
+        requested = LoadOptions.from_kwargs(options)
+        if self.closed:
+            raise RouterClosed()
+        return self._portal.start_task_soon(functools.partial(
+            self._async.ensure_loaded, model, requested, explicit=True, pin=pin))
+
+    def unload_soon(self, model: str) -> concurrent.futures.Future[UnloadResult]:
+        """Start :meth:`unload` without waiting: a future of its result (for UIs)."""
+        if self.closed:
+            raise RouterClosed()
+        return self._portal.start_task_soon(self._async.unload, model)
+
     def plan(self, model: str, **options: Any) -> Plan:
         """What ``load(model, **options)`` would do now, with the option diff."""
         return self._call(self._async.plan, model, LoadOptions.from_kwargs(options))

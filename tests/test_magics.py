@@ -55,8 +55,9 @@ def test_load_noop_reload_messages(ip: InteractiveShell, router: Router, tiny_mo
     run(ip, f"%lemon_load {tiny_model} --ctx-size 256")
     assert capsys.readouterr().out.startswith("already loaded with these options (no-op, ")
     run(ip, f"%lemon_load {tiny_model} --ctx-size 512")
-    out = capsys.readouterr().out
-    assert out.startswith(f"reloaded {tiny_model}: ctx_size 256 → 512 (")
+    warning, done = capsys.readouterr().out.splitlines()
+    assert warning.startswith(f"will reload {tiny_model}: ctx_size 256 → 512 — about ")
+    assert done.startswith(f"reloaded {tiny_model}: ctx_size 256 → 512 (")
     [after] = router.status()
     assert after.pid != status.pid and after.options is not None and after.options.ctx_size == 512
 
@@ -84,6 +85,7 @@ def test_infer_auto_loads_and_never_reloads(ip: InteractiveShell, router: Router
     assert out.startswith(f"auto-loaded {tiny_model} in ")
     pid = router.status()[0].pid
     run(ip, "%config LemonMagics.ctx_size = 512")
+    assert capsys.readouterr().out.startswith(f"note: the next %lemon_load {tiny_model} will reload it")
     run(ip, f"%%lemon_infer -m {tiny_model} --max-tokens 2\nthe")
     out = capsys.readouterr().out
     assert out.startswith(f"note: {tiny_model} is loaded with ctx_size 4096 (asked 512); using it as it is")

@@ -8,7 +8,7 @@ from lemon_magic import errors
 
 def test_all_is_sorted_and_complete() -> None:
     modules = {"annotations", "backends", "errors", "options", "registry", "router", "runtime",
-               "build_llama_server", "magics", "importlib", "TYPE_CHECKING", "Any",
+               "build_llama_server", "magics", "widgets", "importlib", "TYPE_CHECKING", "Any",
                "load_ipython_extension", "unload_ipython_extension"}
     public = {n for n in dir(lemon_magic) if not n.startswith("_") and n not in modules}
     assert set(lemon_magic.__all__) == public
