@@ -77,13 +77,18 @@ def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext lemon_magic``: register the magics (the router starts on first use)."""
     from lemon_magic.magics import LemonMagics, apply_pyproject, install_completers
 
-    magics = LemonMagics(shell=ipython)
-    ipython.register_magics(magics)
-    install_completers(ipython, magics)
     import os
     from pathlib import Path
 
-    applied = apply_pyproject(magics, Path(os.getcwd()))
+    _forget_magics(ipython)
+    magics = LemonMagics(shell=ipython)  # Magics() adds itself to the shell's configurables
+    try:
+        applied = apply_pyproject(magics, Path(os.getcwd()))  # a bad table fails before registering
+    except BaseException:
+        _forget_magics(ipython)
+        raise
+    ipython.register_magics(magics)
+    install_completers(ipython, magics)
     if applied:
         print(f"lemon_magic: settings from pyproject.toml: {', '.join(applied)}")
 
@@ -100,12 +105,16 @@ def unload_ipython_extension(ipython: Any) -> None:
     for kind in ("line", "cell"):
         for name in MAGIC_NAMES:
             manager.magics[kind].pop(name, None)
-    instance = manager.registry.pop("LemonMagics", None)
-    # Magics registers itself as a configurable; drop it, or %config would still reach it
-    # (and its observers) after %unload_ext or %reload_ext
-    configurables = getattr(ipython, "configurables", [])
-    if instance in configurables:
-        configurables.remove(instance)
+    manager.registry.pop("LemonMagics", None)
+    _forget_magics(ipython)
+
+
+def _forget_magics(ipython: Any) -> None:
+    """Drop old LemonMagics instances from the shell's configurables: %config would still
+    reach them (and their observers would print) after %unload_ext or %reload_ext."""
+    configurables = getattr(ipython, "configurables", None)
+    if configurables is not None:
+        configurables[:] = [c for c in configurables if type(c).__name__ != "LemonMagics"]
 
 
 __version__ = "0.1.0"
