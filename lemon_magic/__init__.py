@@ -75,10 +75,10 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext lemon_magic``: register the magics (the router starts on first use)."""
-    from lemon_magic.magics import LemonMagics, apply_pyproject, install_completers
-
     import os
     from pathlib import Path
+
+    from lemon_magic.magics import LemonMagics, apply_pyproject, install_completers
 
     _forget_magics(ipython)
     magics = LemonMagics(shell=ipython)  # Magics() adds itself to the shell's configurables
