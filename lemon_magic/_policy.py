@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from lemon_magic.errors import NotEnoughMemory, SlotsFull
 from lemon_magic.options import ResolvedOptions
 
-__all__ = ("Decision", "ModelState", "SlotView", "admit_memory", "choose_evictions", "decide")
+__all__ = ("Decision", "ModelState", "SlotView", "admit_memory", "choose_evictions", "decide",
+           "restart_backoff")
 
 
 class ModelState(str, enum.Enum):
@@ -121,6 +122,15 @@ def admit_memory(target: str, need: int, available: int, evictable: Sequence[Slo
                               + (f" even after evicting {', '.join(chosen)}" if chosen else ""),
                               model=target)
     return chosen
+
+
+def restart_backoff(failures: int, *, first: float = 0.5, cap: float = 30.0) -> float:
+    """Seconds an auto-load waits before restarting a model that failed ``failures`` times in a
+    row: after one failure it restarts at once, then waits 0.5 s, 1 s, 2 s, ... up to ``cap``
+    (no tight crash loops)."""
+    if failures <= 1:
+        return 0.0
+    return float(min(cap, first * 2 ** (failures - 2)))
 
 
 def _gib(n: int) -> str:

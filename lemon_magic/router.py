@@ -32,6 +32,7 @@ from lemon_magic._policy import (
     admit_memory,
     choose_evictions,
     decide,
+    restart_backoff,
 )
 from lemon_magic.backends import Backend, default_backends
 from lemon_magic.backends._pidfile import reap_orphans
@@ -252,6 +253,10 @@ class _Model:
     load_seconds: float | None = None
     busy: int = 0
     stop_seconds: float | None = None
+    #: failed starts and crashes since the last successful request or explicit load
+    failures: int = 0
+    #: monotonic time before which an auto-load does not restart it (crash-loop backoff)
+    retry_at: float = 0.0
     idle: anyio.Event = field(default_factory=anyio.Event)
     pinned: bool = False
     last_used: float = 0.0  # monotonic, for LRU
@@ -473,6 +478,8 @@ class AsyncRouter:
                         options_differ={} if explicit else m.options.diff(wanted),
                         previous_options=done.previous if done else None)
                 if decision in (Decision.START, Decision.RELOAD):
+                    if not explicit and started_here is None and time.monotonic() < m.retry_at:
+                        raise self._backoff_error(m)
                     started_here = self._start_load(m, wanted, decision)  # raises before any change
                     self._models[name] = m
                     if explicit:
@@ -502,6 +509,8 @@ class AsyncRouter:
                 if isinstance(load.error, LemonError):
                     raise load.error
                 raise LoadError(f"load of {name!r} failed: {load.error!r}", model=name)
+            if explicit:
+                m.failures, m.retry_at = 0, 0.0  # the user asked and it worked
             if explicit and not _acquire and load.options == wanted and load.process is not None:
                 # the load we started or joined did what we asked: report it, even if a
                 # later caller has already changed the model again (no ping-pong)
@@ -524,9 +533,9 @@ class AsyncRouter:
         load = _Load(options, "reloaded" if reloading else "loaded",
                      m.options if reloading else None)
         # all effects below happen together, with no await: nobody sees a half-made plan
-        evicted = [self._models[v] for v in victims]
-        for v in evicted:
-            self._begin_eviction(v, f"evicted to make room for {m.name}")
+        evicted = [(self._models[v], self._begin_eviction(self._models[v],
+                                                          f"evicted to make room for {m.name}"))
+                   for v in victims]
         old_process = m.process if reloading else None
         m.load, m.options = load, options
         m.last_error = None
@@ -566,49 +575,59 @@ class AsyncRouter:
                      and v.state is ModelState.READY]
         return admit_memory(m.name, need, available, evictable)
 
-    def _begin_eviction(self, v: _Model, reason: str) -> None:
+    def _begin_eviction(self, v: _Model, reason: str) -> _Load | None:
+        """Start evicting ``v``; returns the load it cancelled, if ``v`` was loading.
+
+        The stop runs in the router's own task group, so that cancelling the load
+        that asked for it can never leave ``v`` half-stopped.
+        """
+        assert self._tg is not None
         if v.state is ModelState.LOADING:
             assert v.load is not None
             v.load.cancel_reason = reason
             v.load.scope.cancel()
-        else:
-            self._set_state(v, ModelState.STOPPING, reason)
+            return v.load
+        self._set_state(v, ModelState.STOPPING, reason)
+        self._tg.start_soon(self._finish_stop, v)
+        return None
 
     async def _run_load(self, m: _Model, load: _Load, old: BackendProcess | None,
-                        evicted: Sequence[_Model]) -> None:
+                        evicted: Sequence[tuple[_Model, _Load | None]]) -> None:
         """The load task: make room, (re)start, wait until healthy; never holds the lock."""
         process: BackendProcess | None = None
         try:
             with load.scope:
-                async with anyio.create_task_group() as tg:
-                    for v in evicted:
-                        if v.state is ModelState.STOPPING:
-                            tg.start_soon(self._finish_stop, v)
-                    if old is not None:
-                        await self._drain(m)
-                        self._cancel_watcher(m)
-                        began = time.monotonic()
-                        await old.stop(self.config.stop_grace)
-                        m.stop_seconds = time.monotonic() - began
-                        m.process = None
+                for v, cancelled_load in evicted:  # their memory was counted as freed: wait
+                    if cancelled_load is not None:
+                        await cancelled_load.done.wait()
+                    while v.state is ModelState.STOPPING:
+                        await v.changed.wait()
+                if old is not None:
+                    await self._drain(m)
+                    self._cancel_watcher(m)
+                    began = time.monotonic()
+                    await old.stop(self.config.stop_grace)
+                    m.stop_seconds = time.monotonic() - began
+                    m.process = None
                 process = await self._spawn_healthy(m, load.options)
             if load.scope.cancelled_caught:
                 raise LoadCancelled(f"load of {m.name!r} was cancelled: "
                                     f"{load.cancel_reason or 'cancelled'}", model=m.name)
         except BaseException as exc:
+            # whatever runs for this model goes: the new process, a half-started one, and
+            # the old one of a reload that was cancelled before it stopped it
+            self._cancel_watcher(m)
             with anyio.CancelScope(shield=True):
-                if process is not None:
-                    await process.stop(0.5)
-                elif m.process is not None and m.process.returncode is None and m.process is not old:
-                    await m.process.stop(0.5)
+                for leftover in {id(p): p for p in (process, m.process, old) if p is not None}.values():
+                    if leftover.returncode is None:
+                        await leftover.stop(0.5)
             m.process = None
             m.options = None
             m.load = None
             m.last_load = load
-            cancelled = isinstance(exc, LoadCancelled) or not isinstance(exc, Exception)
             if isinstance(exc, LemonError):
                 error: BaseException = exc
-            elif cancelled:
+            elif not isinstance(exc, Exception):  # cancelled from outside (the router closing)
                 error = LoadCancelled(f"load of {m.name!r} was cancelled: "
                                       f"{load.cancel_reason or 'the router is closing'}", model=m.name)
             else:
@@ -617,6 +636,7 @@ class AsyncRouter:
             load.error = error
             if not isinstance(error, LoadCancelled):
                 m.last_error = error if isinstance(error, LemonError) else None
+                self._count_failure(m)
             self._set_state(m, ModelState.UNLOADED if isinstance(error, LoadCancelled)
                             else ModelState.FAILED, str(error).splitlines()[0])
             load.done.set()
@@ -677,9 +697,21 @@ class AsyncRouter:
                 m.last_error = BackendExited(m.name, code, "after it was ready", process.log_tail())
                 m.dead_log = tuple(process.log_tail(50))
                 m.watcher = None
+                self._count_failure(m)
                 self._set_state(m, ModelState.CRASHED, m.last_error.message)
                 m.process = None
                 await process.stop(0)  # clears its client, the rest of its group, its pid record
+
+    def _count_failure(self, m: _Model) -> None:
+        m.failures += 1
+        m.retry_at = time.monotonic() + restart_backoff(m.failures)
+
+    def _backoff_error(self, m: _Model) -> LoadError:
+        wait = m.retry_at - time.monotonic()
+        last = m.last_error.message if m.last_error else "unknown error"
+        return LoadError(f"{m.name!r} failed {m.failures} time(s) in a row (last: {last}); not "
+                         f"restarting it for another {wait:.1f} s (an explicit load retries at once)",
+                         model=m.name, log_tail=m.last_error.log_tail if m.last_error else ())
 
     # ----------------------------------------------------------------- unloading
 
@@ -858,15 +890,19 @@ class AsyncRouter:
                                          f"{response.status_code}: {_error_text(body)}",
                                          model=load.model)
                 if not stream:
-                    yield load, json.loads(await response.aread())
+                    body = json.loads(await response.aread())
+                    m.failures, m.retry_at = 0, 0.0  # it served a request: not crash-looping
+                    yield load, body
                     return
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        m.failures, m.retry_at = 0, 0.0
                         return
                     yield load, json.loads(data)
+                raise httpx.RemoteProtocolError("the stream ended without [DONE]")
         except httpx.HTTPError as exc:
             with anyio.move_on_after(1.0):
                 await process.wait_exit()

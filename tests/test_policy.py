@@ -86,3 +86,10 @@ def test_memory_evicts_lru_until_it_fits() -> None:
 def test_memory_refuses_with_figures() -> None:
     with pytest.raises(NotEnoughMemory, match=r"needs about 1\.00 GiB of memory but only 0\.50 GiB"):
         admit_memory("x", 2**30, 2**29, [])
+
+
+def test_restart_backoff_grows_and_is_capped() -> None:
+    from lemon_magic._policy import restart_backoff
+
+    assert [restart_backoff(n) for n in range(6)] == [0.0, 0.0, 0.5, 1.0, 2.0, 4.0]
+    assert restart_backoff(50) == 30.0
