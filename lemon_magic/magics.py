@@ -9,6 +9,7 @@ fails with a short message instead of a traceback.
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
 from lemon_magic import _render
@@ -49,6 +50,16 @@ class InferenceText(str):
         obj = super().__new__(cls, text)
         obj.completion = completion
         return obj
+
+
+def _parse(magic: Callable[..., Any], line: str) -> Any:
+    """Parse a magic's line like a shell would (``--extra-args="--flag value"`` stays one
+    argument), then with the magic's argparse parser (whose errors are ``UsageError``)."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the arguments: {exc}") from None
+    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
 
 
 def _no_abbrev(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -179,7 +190,7 @@ class LemonMagics(Magics):
         In [3]: %lemon_load gemma3-270m --ctx-size 8192
         reloaded gemma3-270m: ctx_size 4096 → 8192 (0.8 s; llama-server, pid 4243, ctx 8192)
         """
-        args = parse_argstring(self.lemon_load, line)
+        args = _parse(self.lemon_load, line)
         if args.pin and args.unpin:
             raise UsageError("--pin and --unpin contradict each other")
         given = {"ctx_size": args.ctx_size, "threads": args.threads, "backend": args.backend,
@@ -227,7 +238,7 @@ class LemonMagics(Magics):
            ...: Once upon a time
         , there was a little girl named Lily.
         """
-        args = parse_argstring(self.lemon_infer, line)
+        args = _parse(self.lemon_infer, line)
         if args.output is not None and not args.output.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.output!r}")
         prompt = _NBVAL_MARKER.sub("", cell).strip("\n")
@@ -324,7 +335,7 @@ class LemonMagics(Magics):
         In [1]: %lemon_unload gemma3-270m
         unloaded gemma3-270m (pid 4242) in 0.1 s
         """
-        args = parse_argstring(self.lemon_unload, line)
+        args = _parse(self.lemon_unload, line)
         if args.all and args.model:
             raise UsageError("give a model or --all, not both")
         try:
@@ -372,7 +383,7 @@ class LemonMagics(Magics):
 
         In [1]: %lemon_logs gemma3-270m -n 5
         """
-        args = parse_argstring(self.lemon_logs, line)
+        args = _parse(self.lemon_logs, line)
         if args.n <= 0:
             raise UsageError(f"-n must be a positive number of lines, got {args.n}")
         for log_line in self.router.logs(self._model(args.model), args.n):
@@ -395,7 +406,7 @@ class LemonMagics(Magics):
         In [1]: %lemon_register tiny /data/tiny.gguf --ctx-size 2048
         registered tiny → /data/tiny.gguf
         """
-        args = parse_argstring(self.lemon_register, line)
+        args = _parse(self.lemon_register, line)
         defaults = {k: v for k, v in {"ctx_size": args.ctx_size, "threads": args.threads,
                                       "backend": args.backend,
                                       "chat_template": args.chat_template}.items() if v is not None}

@@ -32,7 +32,7 @@ def _positive_int(name: str, value: object) -> int | None:
         return None
     if isinstance(value, bool):
         raise InvalidOptions(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or value <= 0:
         raise InvalidOptions(f"{name} must be a positive integer, got {value!r}")
@@ -45,6 +45,12 @@ def _split_args(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         if any(c in value for c in "\n\r"):
             raise InvalidOptions("extra_args must not contain line breaks")
+        # quotes may group words; anything else a shell would act on is refused before
+        # splitting (shlex would silently eat a backslash)
+        bad = sorted(set(value) & (_SHELL_CHARS - {'"', "'"}))
+        if bad:
+            raise InvalidOptions(f"extra_args {value!r} contains shell syntax {''.join(bad)!r}; "
+                                 "arguments are passed to the backend directly, never through a shell")
         try:
             parts: Sequence[object] = shlex.split(value)
         except ValueError as exc:

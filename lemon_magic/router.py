@@ -46,7 +46,9 @@ from lemon_magic.errors import (
     LoadCancelled,
     LoadError,
     ModelNotLoaded,
+    NotEnoughMemory,
     RouterClosed,
+    SlotsFull,
     WaitTimeout,
 )
 from lemon_magic.options import DEFAULT_CTX_SIZE, LoadOptions, ResolvedOptions, default_threads
@@ -523,12 +525,18 @@ class AsyncRouter:
         """Under the lock: pick evictions, admit memory, mark states, launch the load task."""
         assert self._tg is not None
         self._backend(options.backend).command()  # a missing program fails here, changing nothing
-        kind = m.spec.kind
-        holders = [self._slot_view(o) for o in self._models.values()
-                   if o is not m and o.spec.kind == kind
-                   and o.state in (ModelState.LOADING, ModelState.READY)]
-        victims = choose_evictions(m.name, kind, holders, self.config.max_loaded.get(kind, 1))
-        victims += self._admit_memory(m, options, victims)
+        slot_victims = self._slot_victims(m)
+        # Make before break: ready models that the slot limit evicts keep serving until the
+        # new backend is healthy (so a load that fails changes nothing), as long as memory
+        # admits both. Otherwise they are stopped first.
+        deferred = [v for v in slot_victims if self._models[v].state is ModelState.READY]
+        victims = [v for v in slot_victims if v not in deferred]
+        try:
+            extra = self._admit_memory(m, options, victims)
+        except NotEnoughMemory:
+            extra = ["(needs the deferred ones)"]
+        if extra:
+            victims = slot_victims + self._admit_memory(m, options, slot_victims)
         reloading = decision is Decision.RELOAD
         load = _Load(options, "reloaded" if reloading else "loaded",
                      m.options if reloading else None)
@@ -543,6 +551,21 @@ class AsyncRouter:
                         f"reload: {load.previous.describe_diff(options)}" if load.previous else "")
         self._tg.start_soon(self._run_load, m, load, old_process, evicted)
         return load
+
+    def _slot_victims(self, m: _Model) -> list[str]:
+        """The models the slot limit of ``m``'s kind evicts to make room for ``m``."""
+        kind = m.spec.kind
+        holders = [self._slot_view(o) for o in self._models.values()
+                   if o is not m and o.spec.kind == kind
+                   and o.state in (ModelState.LOADING, ModelState.READY)]
+        return choose_evictions(m.name, kind, holders, self.config.max_loaded.get(kind, 1))
+
+    async def _wait_evicted(self, evicted: Sequence[tuple[_Model, _Load | None]]) -> None:
+        for v, cancelled_load in evicted:
+            if cancelled_load is not None:
+                await cancelled_load.done.wait()
+            while v.state is ModelState.STOPPING:
+                await v.changed.wait()
 
     def _slot_view(self, m: _Model) -> SlotView:
         rss = 0
@@ -597,11 +620,7 @@ class AsyncRouter:
         process: BackendProcess | None = None
         try:
             with load.scope:
-                for v, cancelled_load in evicted:  # their memory was counted as freed: wait
-                    if cancelled_load is not None:
-                        await cancelled_load.done.wait()
-                    while v.state is ModelState.STOPPING:
-                        await v.changed.wait()
+                await self._wait_evicted(evicted)  # their memory was counted as freed
                 if old is not None:
                     await self._drain(m)
                     self._cancel_watcher(m)
@@ -650,7 +669,17 @@ class AsyncRouter:
         m.touch()
         self._set_state(m, ModelState.READY, f"pid {process.pid}, {m.load_seconds:.2f} s")
         self._start_watcher(m, process)
-        load.done.set()
+        try:  # now enforce the slot limit (the deferred evictions), then report
+            try:
+                late = [(self._models[v], self._begin_eviction(self._models[v],
+                                                               f"evicted to make room for {m.name}"))
+                        for v in self._slot_victims(m)]
+            except SlotsFull:  # pinned meanwhile: keep them; the limit is exceeded until an unload
+                late = []
+            with anyio.move_on_after(self.config.drain_timeout + self.config.stop_grace + 10):
+                await self._wait_evicted(late)
+        finally:
+            load.done.set()
 
     async def _spawn_healthy(self, m: _Model, options: ResolvedOptions) -> BackendProcess:
         backend = self._backend(options.backend)
@@ -876,7 +905,14 @@ class AsyncRouter:
 
     async def _post(self, model: str, path: str, payload: dict[str, Any],
                     load_options: LoadOptions | None) -> AsyncIterator[tuple[LoadResult, dict[str, Any]]]:
-        """Auto-load, mark the model busy, POST, and yield ``(load, json)`` per SSE event or once."""
+        """Auto-load, mark the model busy, POST, and yield ``(load, json)`` per SSE event or once.
+
+        :raises InvalidOptions: an empty prompt or no messages (before anything is loaded).
+        """
+        if "prompt" in payload and not str(payload["prompt"]).strip():
+            raise InvalidOptions("the prompt is empty")
+        if "messages" in payload and not payload["messages"]:
+            raise InvalidOptions("chat needs at least one message")
         load = await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
         m = self._models[load.model]
         process = m.process
