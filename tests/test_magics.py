@@ -266,3 +266,16 @@ def test_stop_during_a_stream(ip: InteractiveShell, router: Router, tiny_model: 
     monkeypatch.setenv("FAKE_TOKEN_DELAY", "0")
     assert run(ip, f"%lemon_unload {tiny_model}") is None
     assert not alive(s.pid) and os.environ["FAKE_TOKEN_DELAY"] == "0"
+
+
+def test_every_magic_has_help_with_usage(ip: InteractiveShell) -> None:
+    from lemon_magic.magics import MAGIC_NAMES
+
+    for name in MAGIC_NAMES:
+        kind = "cell" if name == "lemon_infer" else "line"
+        doc = ip.magics_manager.magics[kind][name].__doc__
+        assert doc and "In [1]:" in doc, name
+        if name not in {"lemon_status", "lemon_models", "lemon_panel"}:
+            usage = doc.split("\n\n", 2)[1]  # magic_arguments puts the argparse usage first
+            assert usage.strip().startswith(f"%{name} ["), (name, usage)
+            assert ip.magics_manager.magics[kind][name].__func__.parser.allow_abbrev is False
