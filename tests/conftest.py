@@ -10,8 +10,9 @@ from typing import Any
 
 import psutil
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 
-from lemon_magic import Router, RouterConfig, RouterEvent
+from lemon_magic import Router, RouterConfig, RouterEvent, get_router
 from tests.tinygguf import write_tiny_llama
 
 BACKEND_MARKERS = ("llama-server", "llama_cpp.server", "fake_server.py")
@@ -76,13 +77,32 @@ def make_router() -> Iterator[Callable[..., Router]]:
     yield make
     for r in made:
         r.close()
-    deadline = time.monotonic() + 5
+    wait_no_backends()
+
+
+def wait_no_backends(seconds: float = 5.0) -> None:
+    """Wait until no backend process of ours is left, then fail if one still is."""
+    deadline = time.monotonic() + seconds
     while _our_backends() and time.monotonic() < deadline:
         time.sleep(0.05)
     left = _our_backends()
     for p in left:
         p.kill()
-    assert not left, f"test left backends running: {[(p.pid, p.cmdline()[:2]) for p in left]}"
+    assert not left, f"backends left running: {[(p.pid, p.cmdline()[:2]) for p in left]}"
+
+
+@pytest.fixture
+def ip() -> Iterator[InteractiveShell]:
+    """A real IPython shell with the extension loaded; the process's router is closed after."""
+    shell = InteractiveShell.instance()
+    shell.config.pop("LemonMagics", None)
+    shell.run_line_magic("load_ext", "lemon_magic")
+    yield shell
+    if "lemon_magic" in shell.extension_manager.loaded:
+        shell.run_line_magic("unload_ext", "lemon_magic")
+    shell.config.pop("LemonMagics", None)
+    get_router().close()
+    wait_no_backends()
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ processes and the spawn count are unchanged afterwards, and nothing new runs.
 from __future__ import annotations
 
 import stat
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,21 +130,6 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model: str, tiny_model_
             "header_cut": str(d / "header-cut.gguf"), "tensor_cut": str(d / "tensor-cut.gguf"),
             "text": str(d / "notes.gguf"), "tiny": tiny_model, "loaded": tiny_model_b,
             "noexec": str(noexec), "never": str(d / "never")}
-
-
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.config.pop("LemonMagics", None)
-    shell.run_line_magic("load_ext", "lemon_magic")
-    yield shell
-    if "lemon_magic" in shell.extension_manager.loaded:
-        shell.run_line_magic("unload_ext", "lemon_magic")
-    get_router().close()
-    deadline = time.monotonic() + 5
-    while _our_backends() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _our_backends()
 
 
 def _snapshot(router: Router, skip: str | None) -> list[tuple[str, str, int | None]]:

@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,10 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from lemon_magic import LemonError, ModelState, Router, get_router
 from lemon_magic.magics import InferenceText, Interrupted, LemonMagics
-from tests.conftest import EventLog, _our_backends, alive
+from tests.conftest import EventLog, alive
 from tests.fakes import FakeBackend
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.config.pop("LemonMagics", None)
-    shell.run_line_magic("load_ext", "lemon_magic")
-    yield shell
-    if "lemon_magic" in shell.extension_manager.loaded:
-        shell.run_line_magic("unload_ext", "lemon_magic")
-    shell.config.pop("LemonMagics", None)
-    get_router().close()
-    deadline = time.monotonic() + 5
-    while _our_backends() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _our_backends()
 
 
 @pytest.fixture

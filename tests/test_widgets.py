@@ -183,18 +183,6 @@ def test_a_state_change_from_another_thread_reaches_the_panel(
     t.join()
 
 
-@pytest.fixture
-def ip() -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.config.pop("LemonMagics", None)
-    shell.run_line_magic("load_ext", "lemon_magic")
-    yield shell
-    if "lemon_magic" in shell.extension_manager.loaded:
-        shell.run_line_magic("unload_ext", "lemon_magic")
-    shell.config.pop("LemonMagics", None)
-    get_router().close()
-
-
 def test_magic_panel_and_text_warnings(ip: InteractiveShell, tiny_model: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     panel = ip.run_line_magic("lemon_panel", "")
