@@ -24,6 +24,7 @@ import anyio.abc
 import httpx
 import psutil
 
+from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
 from lemon_magic._policy import (
     TRANSITIONS,
     Decision,
@@ -468,7 +469,7 @@ class AsyncRouter:
                         m.pinned = pin
                     if explicit:
                         m.preferred = requested
-                    if _acquire:
+                    if _acquire:  # counted under the lock, with the decision: no eviction between
                         m.busy += 1
                         if m.busy == 1:
                             self._notify(m, "generating")
@@ -903,100 +904,86 @@ class AsyncRouter:
 
     # ----------------------------------------------------------------- inference
 
-    async def _post(self, model: str, path: str, payload: dict[str, Any],
-                    load_options: LoadOptions | None) -> AsyncIterator[tuple[LoadResult, dict[str, Any]]]:
-        """Auto-load, mark the model busy, POST, and yield ``(load, json)`` per SSE event or once.
+    async def acquire(self, model: str, load_options: LoadOptions | None = None) -> LoadResult:
+        """Auto-load ``model`` (never reloading it) and count a request in flight on it.
 
-        :raises InvalidOptions: an empty prompt or no messages (before anything is loaded).
+        Every ``acquire`` must be paired with :meth:`release`; the model is not
+        evicted or unloaded (beyond ``drain_timeout``) while requests are in flight.
         """
-        if "prompt" in payload and not str(payload["prompt"]).strip():
-            raise InvalidOptions("the prompt is empty")
-        if "messages" in payload and not payload["messages"]:
-            raise InvalidOptions("chat needs at least one message")
-        load = await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
-        m = self._models[load.model]
-        process = m.process
-        assert process is not None
-        stream = bool(payload.get("stream"))
-        try:
-            async with process.client.stream("POST", process.url + path, json=payload) as response:
-                if response.status_code != 200:
-                    body = (await response.aread()).decode("utf-8", "replace")
-                    raise InferenceError(f"backend of {load.model!r} answered HTTP "
-                                         f"{response.status_code}: {_error_text(body)}",
-                                         model=load.model)
-                if not stream:
-                    body = json.loads(await response.aread())
-                    m.failures, m.retry_at = 0, 0.0  # it served a request: not crash-looping
-                    yield load, body
-                    return
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        m.failures, m.retry_at = 0, 0.0
-                        return
-                    yield load, json.loads(data)
-                raise httpx.RemoteProtocolError("the stream ended without [DONE]")
-        except httpx.HTTPError as exc:
+        return await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
+
+    def release(self, model: str, *, served: bool) -> None:
+        """End a request started with :meth:`acquire` (``served``: it completed normally)."""
+        m = self._models[model]
+        if served:
+            m.failures, m.retry_at = 0, 0.0  # it served a request: not crash-looping
+        m.busy -= 1
+        if m.busy == 0:
+            self._notify(m, "idle")
+            m.idle.set()
+            m.idle = anyio.Event()
+
+    async def request_failed(self, model: str, pid: int, exc: BaseException) -> LemonError:
+        """The error for a request whose connection failed: did the backend die, or not?"""
+        m = self._models.get(model)
+        process = m.process if m is not None and m.process is not None and m.process.pid == pid \
+            else None
+        if process is None and m is not None and m.state is ModelState.CRASHED:
+            return BackendExited(model, getattr(m.last_error, "returncode", None),
+                                 "while serving a request", m.dead_log[-20:])
+        if process is not None:
             with anyio.move_on_after(1.0):
                 await process.wait_exit()
             if process.returncode is not None:
-                raise BackendExited(load.model, process.returncode, "while serving a request",
-                                    process.log_tail()) from exc
-            raise InferenceError(f"request to the backend of {load.model!r} failed: {exc!r}",
-                                 model=load.model) from exc
+                return BackendExited(model, process.returncode, "while serving a request",
+                                     process.log_tail())
+        return InferenceError(f"request to the backend of {model!r} failed: {exc!r}", model=model)
+
+    async def _post(self, model: str, path: str, payload: dict[str, Any],
+                    load_options: LoadOptions | None) -> AsyncIterator[tuple[LoadResult, Any]]:
+        """Acquire, POST, and yield ``(load, event)`` per SSE event (or once, the whole body)."""
+        check_payload(payload)
+        load = await self.acquire(model, load_options)
+        process = self._models[load.model].process
+        assert process is not None
+        served = False
+        try:
+            async with process.client.stream("POST", process.url + path, json=payload) as response:
+                if response.status_code != 200:
+                    raise http_error(load.model, response.status_code,
+                                     (await response.aread()).decode("utf-8", "replace"))
+                if not payload.get("stream"):
+                    body = json.loads(await response.aread())
+                    served = True
+                    yield load, body
+                    return
+                async for line in response.aiter_lines():
+                    event = parse_sse_line(line)
+                    if event is DONE:
+                        served = True
+                        return
+                    if event is not None:
+                        yield load, event
+                raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+        except httpx.HTTPError as exc:
+            raise await self.request_failed(load.model, load.pid, exc) from exc
         finally:
-            m.busy -= 1
-            if m.busy == 0:
-                self._notify(m, "idle")
-                m.idle.set()
-                m.idle = anyio.Event()
+            self.release(load.model, served=served)
 
     async def stream(self, model: str, path: str, payload: dict[str, Any], *,
-                     load_options: LoadOptions | None = None,
-                     on_load: Callable[[LoadResult], None] | None = None,
-                     on_done: Callable[[Completion], None] | None = None) -> AsyncIterator[Chunk]:
-        """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``).
-
-        ``on_load`` is called once the backend answers (with how the model was
-        loaded), ``on_done`` once the stream ends (with the whole completion).
-        """
-        chat = "chat" in path
-        parts: list[str] = []
-        last: dict[str, Any] = {}
-        finish: str | None = None
-        load: LoadResult | None = None
-        async for this_load, event in self._post(model, path, {**payload, "stream": True},
-                                                 load_options):
-            if load is None and on_load is not None:
-                on_load(this_load)
-            load, last = this_load, event
-            choice = (event.get("choices") or [{}])[0]
-            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            finish = choice.get("finish_reason") or finish
+                     load_options: LoadOptions | None = None) -> AsyncIterator[Chunk]:
+        """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``)."""
+        acc = Accumulator("chat" in path)
+        async for _load, event in self._post(model, path, {**payload, "stream": True}, load_options):
+            text = acc.add_event(event)
             if text:
-                parts.append(text)
-                yield Chunk(text, choice.get("finish_reason"))
-        if on_done is not None and load is not None:
-            on_done(Completion(load.model, "".join(parts), finish, last.get("usage") or {}, last, load))
+                yield Chunk(text, acc.finish)
 
     async def request(self, model: str, path: str, payload: dict[str, Any], *,
                       load_options: LoadOptions | None = None) -> Completion:
         """One non-streamed completion or chat request."""
+        acc = Accumulator("chat" in path)
         async for load, body in self._post(model, path, {**payload, "stream": False}, load_options):
-            choice = (body.get("choices") or [{}])[0]
-            text = (choice.get("message") or {}).get("content") if "chat" in path else choice.get("text")
-            return Completion(load.model, text or "", choice.get("finish_reason"),
-                              body.get("usage") or {}, body, load)
+            acc.add_body(body)
+            return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
         raise InferenceError(f"backend of {model!r} sent no response", model=model)
-
-
-def _error_text(body: str) -> str:
-    try:
-        data = json.loads(body)
-        err = data.get("error", data)
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
-    except ValueError:
-        return body[:300]

@@ -15,19 +15,19 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
-import queue
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import httpx
+from anyio.from_thread import start_blocking_portal
 
+from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
 from lemon_magic.errors import LemonError, RouterClosed
 from lemon_magic.options import LoadOptions
 from lemon_magic.router import (
     AsyncRouter,
-    Chunk,
     Completion,
     LoadResult,
     ModelStatus,
@@ -39,8 +39,23 @@ from lemon_magic.router import (
 
 __all__ = ("Router", "Stream", "get_router")
 
+
+class _Http:
+    """A request's HTTP client, and whether the request was served to the end."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.served = False
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.client.post(url, **kwargs)
+
+    def stream(self, method: str, url: str, **kwargs: Any) -> contextlib.AbstractContextManager[
+            httpx.Response]:
+        return self.client.stream(method, url, **kwargs)
+
 T = TypeVar("T")
-_END = object()
+_LOADED = object()
 
 
 def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | None,
@@ -58,74 +73,46 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
 class Stream(Iterator[str]):
     """Text chunks of a streamed response, as they arrive; ``completion`` is set at the end.
 
-    Iterate it from one thread. ``close()`` (or leaving a ``with`` block, or a
-    ``KeyboardInterrupt`` while waiting) cancels the request.
+    Creating it (``complete(..., stream=True)``) returns once the backend has
+    started answering: a failed auto-load raises there.
+
+    The HTTP stream is read in the iterating thread itself, straight from the
+    backend's socket (the router's loop only admits and releases the request),
+    so tokens reach the caller as fast as a plain httpx client would get them.
+    ``close()`` (or leaving a ``with`` block, or a ``KeyboardInterrupt``)
+    closes the request; the backend stops generating.
     """
 
-    def __init__(self, portal: BlockingPortal, start: Callable[..., Any]) -> None:
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._pending: list[object] = []
+    def __init__(self, router: Router, model: str, path: str, payload: dict[str, Any],
+                 load_options: LoadOptions | None) -> None:
         #: how the model was loaded for this request (set when the backend starts answering)
         self.load: LoadResult | None = None
         #: the whole response, once the stream is exhausted
         self.completion: Completion | None = None
-        self._future = portal.start_task_soon(self._pump, start)
-
-    async def _pump(self, start: Callable[..., Any]) -> None:
-        try:
-            async for chunk in start(on_load=self._queue.put, on_done=self._done):
-                self._queue.put(chunk)
-        except Exception as exc:
-            self._queue.put(exc)
-        finally:
-            self._queue.put(_END)
-
-    def _done(self, completion: Completion) -> None:
-        self.completion = completion
-
-    def _get(self) -> object:
-        """The next queued item; waits in short slices so that Ctrl-C / Stop gets through."""
-        if self._pending:
-            return self._pending.pop(0)
-        try:
-            while True:
-                try:
-                    return self._queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-        except KeyboardInterrupt:
-            self.close()
-            raise
+        self._chunks = router._stream_chunks(self, model, path, payload, load_options)
+        self.wait_loaded()  # load errors raise here, and the request runs from now on
 
     def wait_loaded(self) -> LoadResult | None:
-        """Block until the backend answers; ``None`` if the stream failed or ended first."""
-        while self.load is None:
-            item = self._get()
-            if isinstance(item, LoadResult):
-                self.load = item
-                continue
-            self._pending.append(item)
-            if item is _END or isinstance(item, BaseException):
-                break
+        """Block until the backend starts answering; returns how the model was loaded."""
+        if self.load is None:
+            try:
+                first = next(self._chunks)
+            except StopIteration:
+                return self.load
+            if first is not _LOADED:  # pragma: no cover - the generator yields _LOADED first
+                raise AssertionError("stream protocol")
         return self.load
 
     def __next__(self) -> str:
         while True:
-            item = self._get()
-            if isinstance(item, LoadResult):
-                self.load = item
-                continue
-            if item is _END:
-                self._pending.append(_END)  # stay exhausted
-                raise StopIteration
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, Chunk)
-            return item.text
+            item = next(self._chunks)
+            if item is not _LOADED:
+                assert isinstance(item, str)
+                return item
 
     def close(self) -> None:
-        """Cancel the request if it is still running."""
-        self._future.cancel()
+        """Close the request if it is still running (idempotent)."""
+        self._chunks.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -161,6 +148,7 @@ class Router:
             raise
         self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
         self._close_lock = threading.Lock()
+        self._http: httpx.Client | None = None
         self._finalizer = weakref.finalize(self, Router._shutdown, self._stack, self._async)
         _ALL.add(self)
 
@@ -186,7 +174,7 @@ class Router:
             future.cancel()
             raise
 
-    def _call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    def _call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a plain function on the loop thread (no task): the cheapest way in."""
         if self.closed:
             raise RouterClosed()
@@ -194,7 +182,7 @@ class Router:
 
         def run() -> None:
             try:
-                future.set_result(fn(*args))
+                future.set_result(fn(*args, **kwargs))
             except BaseException as exc:
                 future.set_exception(exc)
 
@@ -291,12 +279,63 @@ class Router:
 
     def _infer(self, model: str, path: str, payload: dict[str, Any], stream: bool,
                load_options: LoadOptions | None) -> Completion | Stream:
+        if self.closed:
+            raise RouterClosed()
+        check_payload(payload)
         if stream:
-            if self.closed:
-                raise RouterClosed()
-            return Stream(self._portal, functools.partial(self._async.stream, model, path, payload,
-                                                          load_options=load_options))
-        return self._call(self._async.request, model, path, payload, load_options=load_options)
+            return Stream(self, model, path, {**payload, "stream": True}, load_options)
+        acc = Accumulator("chat" in path)
+        with self._lease(model, load_options) as (load, http):
+            response = http.post(load.url + path, json={**payload, "stream": False})
+            if response.status_code != 200:
+                raise http_error(load.model, response.status_code, response.text)
+            acc.add_body(response.json())
+            http.served = True
+        return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
+
+    def _stream_chunks(self, stream: Stream, model: str, path: str, payload: dict[str, Any],
+                       load_options: LoadOptions | None) -> Generator[object, None, None]:
+        acc = Accumulator("chat" in path)
+        with self._lease(model, load_options) as (load, http), \
+                http.stream("POST", load.url + path, json=payload) as response:
+            if response.status_code != 200:
+                raise http_error(load.model, response.status_code,
+                                 response.read().decode("utf-8", "replace"))
+            stream.load = load
+            yield _LOADED
+            for line in response.iter_lines():
+                event = parse_sse_line(line)
+                if event is DONE:
+                    http.served = True
+                    stream.completion = Completion(load.model, acc.text, acc.finish, acc.usage,
+                                                   acc.last, load)
+                    return
+                if event is not None:
+                    assert isinstance(event, dict)
+                    text = acc.add_event(event)
+                    if text:
+                        yield text
+            raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+
+    @contextlib.contextmanager
+    def _lease(self, model: str,
+               load_options: LoadOptions | None) -> Iterator[tuple[LoadResult, _Http]]:
+        """Admit a request on the router's loop, run it in this thread, release it there."""
+        load = self._call(self._async.acquire, model, load_options)
+        http = _Http(self._http_client())
+        try:
+            yield load, http
+        except httpx.HTTPError as exc:
+            raise self._call(self._async.request_failed, load.model, load.pid, exc) from exc
+        finally:
+            self._call_sync(self._async.release, load.model, served=http.served)
+
+    def _http_client(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(
+                timeout=httpx.Timeout(self._async.config.request_timeout, connect=5.0),
+                trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+        return self._http
 
     # ---------------------------------------------------------------- shutdown
 
@@ -305,6 +344,8 @@ class Router:
         with self._close_lock:
             if self._finalizer.alive:
                 self._finalizer()
+            if self._http is not None:
+                self._http.close()
 
     @staticmethod
     def _shutdown(stack: contextlib.ExitStack, router: AsyncRouter) -> None:
