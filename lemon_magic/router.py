@@ -243,6 +243,14 @@ class _Load:
 
 
 @dataclass(eq=False)
+class _Resolution:
+    """A model name being resolved (in a worker thread) for concurrent callers."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    spec: ModelSpec | None = None  # None once done: it failed
+
+
+@dataclass(eq=False)
 class _Model:
     name: str
     spec: ModelSpec
@@ -297,6 +305,7 @@ class AsyncRouter:
         self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
         self._default_backend: str | None = None
         self._threads = default_threads()
+        self._resolving: dict[str, _Resolution] = {}
         # resolution is pure given (spec, request): memoised, so a no-op load does no I/O
         self._resolved: dict[tuple[ModelSpec, LoadOptions, LoadOptions], ResolvedOptions] = {}
 
@@ -383,8 +392,21 @@ class AsyncRouter:
             raise RouterClosed()
         if model in self._models:
             return self._models[model].spec
-        # the first use of the embedded model assembles 253 MB: keep the loop free meanwhile
-        return await anyio.to_thread.run_sync(self.registry.resolve, model)
+        # The first use of the embedded model assembles 253 MB, so resolution runs in a
+        # worker thread; concurrent callers for one name share that one resolution.
+        flight = self._resolving.get(model)
+        if flight is None:
+            flight = self._resolving[model] = _Resolution()
+            try:
+                flight.spec = await anyio.to_thread.run_sync(self.registry.resolve, model)
+            finally:
+                del self._resolving[model]
+                flight.done.set()
+            return flight.spec
+        await flight.done.wait()
+        if flight.spec is None:  # the shared resolution failed: try on our own
+            return await anyio.to_thread.run_sync(self.registry.resolve, model)
+        return flight.spec
 
     def _backend(self, name: str) -> Backend:
         try:
