@@ -141,10 +141,14 @@ class Plan:
 
     @property
     def estimate_seconds(self) -> float | None:
-        """A rough duration: the last load, plus the last stop for a reload."""
+        """A rough duration: the last load, plus for a reload the last stop (0.2 s if the model
+        was never stopped yet)."""
         if self.last_load_seconds is None:
             return None
-        return self.last_load_seconds + (self.last_stop_seconds or 0.0)
+        if self.action != "reload":
+            return self.last_load_seconds
+        stop = self.last_stop_seconds if self.last_stop_seconds is not None else 0.2
+        return self.last_load_seconds + stop
 
     def describe(self) -> str:
         """One line, e.g. ``will reload gemma3-270m: ctx_size 4096 → 8192 — about 1.3 s
