@@ -11,11 +11,12 @@ other models are not held up at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -236,7 +237,6 @@ class _Load:
     options: ResolvedOptions
     action: Literal["loaded", "reloaded"]
     previous: ResolvedOptions | None
-    started: float = field(default_factory=time.monotonic)
     done: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     error: BaseException | None = None
@@ -264,7 +264,6 @@ class _Model:
     options: ResolvedOptions | None = None
     process: BackendProcess | None = None
     load: _Load | None = None
-    last_load: _Load | None = None
     load_seconds: float | None = None
     busy: int = 0
     stop_seconds: float | None = None
@@ -670,7 +669,6 @@ class AsyncRouter:
             m.process = None
             m.options = None
             m.load = None
-            m.last_load = load
             if isinstance(exc, LemonError):
                 error: BaseException = exc
             elif not isinstance(exc, Exception):  # cancelled from outside (the router closing)
@@ -690,7 +688,7 @@ class AsyncRouter:
                 raise
             return
         assert process is not None  # the scope was not cancelled, so the spawn finished
-        m.process, m.load, m.last_load = process, None, load
+        m.process, m.load = process, None
         m.load_seconds = load.seconds = time.monotonic() - process.started_at
         load.process = process
         m.touch()
@@ -966,7 +964,7 @@ class AsyncRouter:
         return InferenceError(f"request to the backend of {model!r} failed: {exc!r}", model=model)
 
     async def _post(self, model: str, path: str, payload: dict[str, Any],
-                    load_options: LoadOptions | None) -> AsyncIterator[tuple[LoadResult, Any]]:
+                    load_options: LoadOptions | None) -> AsyncGenerator[tuple[LoadResult, Any], None]:
         """Acquire, POST, and yield ``(load, event)`` per SSE event (or once, the whole body)."""
         check_payload(payload)
         load = await self.acquire(model, load_options)
@@ -1000,16 +998,21 @@ class AsyncRouter:
                      load_options: LoadOptions | None = None) -> AsyncIterator[Chunk]:
         """Stream a completion (``/v1/completions``) or chat (``/v1/chat/completions``)."""
         acc = Accumulator("chat" in path)
-        async for _load, event in self._post(model, path, {**payload, "stream": True}, load_options):
-            text = acc.add_event(event)
-            if text:
-                yield Chunk(text, acc.finish)
+        # aclosing: a consumer that stops early must still end the request (and release it)
+        async with contextlib.aclosing(self._post(model, path, {**payload, "stream": True},
+                                                  load_options)) as events:
+            async for _load, event in events:
+                text = acc.add_event(event)
+                if text:
+                    yield Chunk(text, acc.finish)
 
     async def request(self, model: str, path: str, payload: dict[str, Any], *,
                       load_options: LoadOptions | None = None) -> Completion:
         """One non-streamed completion or chat request."""
         acc = Accumulator("chat" in path)
-        async for load, body in self._post(model, path, {**payload, "stream": False}, load_options):
-            acc.add_body(body)
-            return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
+        async with contextlib.aclosing(self._post(model, path, {**payload, "stream": False},
+                                                  load_options)) as events:
+            async for load, body in events:
+                acc.add_body(body)
+                return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
         raise InferenceError(f"backend of {model!r} sent no response", model=model)

@@ -287,3 +287,25 @@ def test_close_stops_every_backend(make_router: Callable[..., Router], tiny_mode
     router.close()
     assert not alive(pid)
     assert router.closed
+
+
+def test_the_async_router_on_its_own_loop(tiny_model: str) -> None:
+    """AsyncRouter is usable directly from async code (no portal, no blocking facade)."""
+    import anyio
+
+    from lemon_magic import AsyncRouter, LoadOptions
+
+    async def main() -> tuple[str, str, str, int, int]:
+        async with AsyncRouter(RouterConfig(start_timeout=60)) as r:
+            loaded = await r.ensure_loaded(tiny_model, LoadOptions(ctx_size=256))
+            again = await r.ensure_loaded(tiny_model, LoadOptions(ctx_size=256))
+            chunks = [c.text async for c in r.stream(tiny_model, "/v1/completions",
+                                                       {"prompt": "once", "max_tokens": 4})]
+            whole = await r.request(tiny_model, "/v1/completions",
+                                    {"prompt": "once", "max_tokens": 4, "temperature": 0})
+            assert r.status()[0].requests_in_flight == 0
+            return loaded.action, again.action, whole.finish_reason or "", len(chunks), loaded.pid
+
+    loaded, again, finish, n_chunks, pid = anyio.run(main)
+    assert (loaded, again) == ("loaded", "noop") and finish in {"length", "stop"} and n_chunks >= 1
+    assert not alive(pid)
