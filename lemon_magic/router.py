@@ -56,7 +56,7 @@ from lemon_magic.errors import (
 from lemon_magic.options import DEFAULT_CTX_SIZE, LoadOptions, ResolvedOptions, default_threads
 from lemon_magic.registry import ModelSpec, Registry
 
-__all__ = ("AsyncRouter", "Chunk", "Completion", "LoadResult", "ModelStatus", "Plan",
+__all__ = ("AsyncRouter", "Chunk", "Completion", "Lease", "LoadResult", "ModelStatus", "Plan",
            "RouterConfig", "RouterEvent", "UnloadResult")
 
 log = logging.getLogger("lemon_magic.router")
@@ -244,6 +244,14 @@ class _Load:
     #: set on success: the process it started and its spawn-to-healthy seconds
     process: BackendProcess | None = None
     seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request admitted from another thread: which model it holds, and whether it ended."""
+
+    model: str | None = None
+    ended: bool = False
 
 
 @dataclass(eq=False)
@@ -928,13 +936,33 @@ class AsyncRouter:
 
     # ----------------------------------------------------------------- inference
 
-    async def acquire(self, model: str, load_options: LoadOptions | None = None) -> LoadResult:
+    async def acquire(self, model: str, load_options: LoadOptions | None = None, *,
+                      lease: Lease | None = None) -> LoadResult:
         """Auto-load ``model`` (never reloading it) and count a request in flight on it.
 
-        Every ``acquire`` must be paired with :meth:`release`; the model is not
-        evicted or unloaded (beyond ``drain_timeout``) while requests are in flight.
+        Every ``acquire`` must be paired with :meth:`release` (or, when a ``lease`` is
+        given, with :meth:`end_lease`); the model is not evicted or unloaded (beyond
+        ``drain_timeout``) while requests are in flight.
         """
-        return await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
+        load = await self.ensure_loaded(model, load_options, explicit=False, _acquire=True)
+        if lease is not None:
+            if lease.ended:  # the caller gave up (Stop) while this was still loading
+                self.release(load.model, served=False)
+                raise LoadCancelled(f"the request for {model!r} was abandoned", model=model)
+            lease.model = load.model
+        return load
+
+    def end_lease(self, lease: Lease, *, served: bool) -> None:
+        """End a request admitted with ``acquire(..., lease=lease)``; safe at any point.
+
+        Called from another thread's ``finally``: if the acquire has not finished yet,
+        it releases the model itself as soon as it does, so no request stays counted.
+        """
+        if lease.ended:
+            return
+        lease.ended = True
+        if lease.model is not None:
+            self.release(lease.model, served=served)
 
     def release(self, model: str, *, served: bool) -> None:
         """End a request started with :meth:`acquire` (``served``: it completed normally)."""

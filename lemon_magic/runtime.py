@@ -29,6 +29,7 @@ from lemon_magic.options import LoadOptions
 from lemon_magic.router import (
     AsyncRouter,
     Completion,
+    Lease,
     LoadResult,
     ModelStatus,
     Plan,
@@ -320,15 +321,21 @@ class Router:
     @contextlib.contextmanager
     def _lease(self, model: str,
                load_options: LoadOptions | None) -> Iterator[tuple[LoadResult, _Http]]:
-        """Admit a request on the router's loop, run it in this thread, release it there."""
-        load = self._call(self._async.acquire, model, load_options)
+        """Admit a request on the router's loop, run it in this thread, release it there.
+
+        The lease is ended in ``finally`` even if Stop lands between the loop admitting
+        the request and this thread learning of it: nothing stays counted in flight.
+        """
+        lease = Lease()
         http = _Http(self._http_client())
         try:
-            yield load, http
-        except httpx.HTTPError as exc:
-            raise self._call(self._async.request_failed, load.model, load.pid, exc) from exc
+            load = self._call(self._async.acquire, model, load_options, lease=lease)
+            try:
+                yield load, http
+            except httpx.HTTPError as exc:
+                raise self._call(self._async.request_failed, load.model, load.pid, exc) from exc
         finally:
-            self._call_sync(self._async.release, load.model, served=http.served)
+            self._call_sync(self._async.end_lease, lease, served=http.served)
 
     def _http_client(self) -> httpx.Client:
         if self._http is None:

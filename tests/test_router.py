@@ -309,3 +309,30 @@ def test_the_async_router_on_its_own_loop(tiny_model: str) -> None:
     loaded, again, finish, n_chunks, pid = anyio.run(main)
     assert (loaded, again) == ("loaded", "noop") and finish in {"length", "stop"} and n_chunks >= 1
     assert not alive(pid)
+
+
+def test_a_lease_ended_before_its_acquire_finishes_releases_the_model(tiny_model: str) -> None:
+    """Stop can land between the loop admitting a request and the caller learning of it."""
+    import anyio
+
+    from lemon_magic import AsyncRouter, LoadCancelled, LoadOptions
+    from lemon_magic.router import Lease
+
+    async def main() -> list[int]:
+        busy = []
+        async with AsyncRouter(RouterConfig(start_timeout=60)) as r:
+            opts = LoadOptions(ctx_size=256)
+            lease = Lease()
+            await r.acquire(tiny_model, opts, lease=lease)
+            busy.append(r.status()[0].requests_in_flight)
+            r.end_lease(lease, served=True)
+            r.end_lease(lease, served=True)  # idempotent
+            busy.append(r.status()[0].requests_in_flight)
+            abandoned = Lease()
+            r.end_lease(abandoned, served=False)  # the caller gave up first
+            with pytest.raises(LoadCancelled, match="abandoned"):
+                await r.acquire(tiny_model, opts, lease=abandoned)
+            busy.append(r.status()[0].requests_in_flight)
+        return busy
+
+    assert anyio.run(main) == [1, 0, 0]
