@@ -426,6 +426,8 @@ class LemonMagics(Magics):
         if _panel is None or _panel.router is not self.router or _panel.router.closed:
             from lemon_magic.widgets import LemonPanel
 
+            if _panel is not None:
+                _panel.close()  # its router is gone: stop its thread too
             _panel = LemonPanel(self.router)
         return _panel
 

@@ -547,6 +547,10 @@ class AsyncRouter:
                 raise LoadError(f"load of {name!r} failed: {load.error!r}", model=name)
             if explicit:
                 m.failures, m.retry_at = 0, 0.0  # the user asked and it worked
+                if m.process is load.process:  # a joiner's pin and options apply too
+                    m.preferred = requested
+                    if pin is not None:
+                        m.pinned = pin
             if explicit and not _acquire and load.options == wanted and load.process is not None:
                 # the load we started or joined did what we asked: report it, even if a
                 # later caller has already changed the model again (no ping-pong)
@@ -663,7 +667,7 @@ class AsyncRouter:
                     m.stop_seconds = time.monotonic() - began
                     m.process = None
                 process = await self._spawn_healthy(m, load.options)
-            if load.scope.cancelled_caught:
+            if load.scope.cancel_called:  # even if the spawn finished just before the cancel
                 raise LoadCancelled(f"load of {m.name!r} was cancelled: "
                                     f"{load.cancel_reason or 'cancelled'}", model=m.name)
         except BaseException as exc:
@@ -796,7 +800,8 @@ class AsyncRouter:
         m.process, m.options = None, None
         self._set_state(m, ModelState.UNLOADED, f"pid {process.pid} stopped" if process else "")
 
-    async def unload(self, model: str, *, reason: str = "unloaded") -> UnloadResult:
+    async def unload(self, model: str, *, reason: str = "unloaded",
+                     _closing: bool = False) -> UnloadResult:
         """Stop ``model``'s backend (waiting, bounded, for requests in flight).
 
         A load in flight is cancelled: its half-started process is killed and its
@@ -805,7 +810,7 @@ class AsyncRouter:
         :raises ModelNotLoaded: nothing is loaded or loading under that name.
         """
         began = time.monotonic()
-        if self._closed:
+        if self._closed and not _closing:
             raise RouterClosed()
         name = model
         if name not in self._models:
@@ -845,20 +850,23 @@ class AsyncRouter:
 
     async def _unload_all(self, reason: str) -> list[UnloadResult]:
         results: list[UnloadResult] = []
+        closing = self._closed
 
         async def one(name: str) -> None:
             try:
-                results.append(await self.unload(name, reason=reason))
+                results.append(await self.unload(name, reason=reason, _closing=closing))
             except ModelNotLoaded:
                 pass
 
-        was_closed, self._closed = self._closed, False  # let unload run while closing
-        try:
+        # while closing, ensure_loaded refuses new loads, so this converges; repeat in case
+        # a load was starting while the first pass ran
+        for _ in range(3 if closing else 1):
             async with anyio.create_task_group() as tg:
                 for name in list(self._models):
                     tg.start_soon(one, name)
-        finally:
-            self._closed = was_closed
+            if not any(m.state in (ModelState.LOADING, ModelState.READY, ModelState.STOPPING)
+                       for m in self._models.values()):
+                break
         return results
 
     async def unload_all(self) -> list[UnloadResult]:

@@ -41,6 +41,14 @@ from lemon_magic.router import (
 __all__ = ("Router", "Stream", "get_router")
 
 
+class _StreamState:
+    """What a streaming request has learnt so far (shared by a Stream and its generator)."""
+
+    def __init__(self) -> None:
+        self.load: LoadResult | None = None
+        self.completion: Completion | None = None
+
+
 class _Http:
     """A request's HTTP client, and whether the request was served to the end."""
 
@@ -86,12 +94,26 @@ class Stream(Iterator[str]):
 
     def __init__(self, router: Router, model: str, path: str, payload: dict[str, Any],
                  load_options: LoadOptions | None) -> None:
-        #: how the model was loaded for this request (set when the backend starts answering)
-        self.load: LoadResult | None = None
-        #: the whole response, once the stream is exhausted
-        self.completion: Completion | None = None
-        self._chunks = router._stream_chunks(self, model, path, payload, load_options)
+        # the generator gets a plain holder, not this object: no reference cycle, so a
+        # Stream dropped half-way is closed (and its request released) at once
+        self._state = _StreamState()
+        self._chunks = router._stream_chunks(self._state, model, path, payload, load_options)
         self.wait_loaded()  # load errors raise here, and the request runs from now on
+
+    @property
+    def load(self) -> LoadResult | None:
+        """How the model was loaded for this request (set when the backend starts answering)."""
+        return self._state.load
+
+    @property
+    def completion(self) -> Completion | None:
+        """The whole response, once the stream is exhausted."""
+        return self._state.completion
+
+    def __del__(self) -> None:
+        chunks = getattr(self, "_chunks", None)
+        if chunks is not None:
+            chunks.close()
 
     def wait_loaded(self) -> LoadResult | None:
         """Block until the backend starts answering; returns how the model was loaded."""
@@ -148,6 +170,7 @@ class Router:
             self._stack.close()
             raise
         self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
+        self._loop_thread: int = self._portal.call(threading.get_ident)
         self._close_lock = threading.Lock()
         self._http: httpx.Client | None = None
         self._finalizer = weakref.finalize(self, Router._shutdown, self._stack, self._async)
@@ -179,6 +202,8 @@ class Router:
         """Run a plain function on the loop thread (no task): the cheapest way in."""
         if self.closed:
             raise RouterClosed()
+        if threading.get_ident() == self._loop_thread:  # e.g. a finalizer run by the loop's GC
+            return fn(*args, **kwargs)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -294,7 +319,7 @@ class Router:
             http.served = True
         return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
 
-    def _stream_chunks(self, stream: Stream, model: str, path: str, payload: dict[str, Any],
+    def _stream_chunks(self, stream: _StreamState, model: str, path: str, payload: dict[str, Any],
                        load_options: LoadOptions | None) -> Generator[object, None, None]:
         acc = Accumulator("chat" in path)
         with self._lease(model, load_options) as (load, http), \
@@ -335,7 +360,8 @@ class Router:
             except httpx.HTTPError as exc:
                 raise self._call(self._async.request_failed, load.model, load.pid, exc) from exc
         finally:
-            self._call_sync(self._async.end_lease, lease, served=http.served)
+            if not self.closed:  # a closed router has stopped its backends already
+                self._call_sync(self._async.end_lease, lease, served=http.served)
 
     def _http_client(self) -> httpx.Client:
         if self._http is None:

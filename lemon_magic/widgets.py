@@ -145,6 +145,7 @@ class LemonPanel(w.VBox):
         self.revert.on_click(lambda _: self._post(self._prefill))
         self.unload.on_click(lambda _: self._post(self._unload, self.model.value))
 
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lemon-panel", daemon=True)
         self._thread.start()
         self._unsubscribe = self.router.subscribe(lambda e: self._post(self._on_event, e))
@@ -157,7 +158,7 @@ class LemonPanel(w.VBox):
         self._queue.put((fn, args))
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 fn, args = self._queue.get(timeout=1.0)
             except queue.Empty:
@@ -195,18 +196,25 @@ class LemonPanel(w.VBox):
             time.sleep(0.005)
 
     def close(self) -> None:
-        """Stop listening to the router and close the widgets."""
+        """Stop listening to the router, stop the panel thread, close the widgets."""
         self._unsubscribe()
+        self._stopped = True
+        self._post(lambda: None)  # wake the thread so it sees the flag
         super().close()
 
     # ----------------------------------------------------------------- updates (panel thread)
 
+    def _by_panel(self) -> bool:
+        thread = getattr(self, "_thread", None)
+        return thread is not None and threading.get_ident() == thread.ident
+
     def _on_model_change(self, _change: object) -> None:
-        if not self._keep_model:
+        # only the panel thread's own option refresh is ignored; a user's pick never is
+        if not (self._keep_model and self._by_panel()):
             self._post(self._prefill)
 
     def _on_edit(self, _change: object) -> None:
-        if not self._prefilling:
+        if not (self._prefilling and self._by_panel()):  # the user typed, even mid-prefill
             self._edited = True
         self._post(self._refresh_banner)
 

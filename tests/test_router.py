@@ -336,3 +336,56 @@ def test_a_lease_ended_before_its_acquire_finishes_releases_the_model(tiny_model
         return busy
 
     assert anyio.run(main) == [1, 0, 0]
+
+
+def test_a_stream_dropped_half_way_releases_its_request(make_router: Callable[..., Router],
+                                                        tiny_model: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_TOKEN_DELAY", "0.2")
+    router = make_router(backends={"fake": FakeBackend()})
+    router.load(tiny_model, backend="fake")
+    for _chunk in router.complete(tiny_model, "hi", stream=True):
+        break  # the Stream is dropped here, unfinished
+    assert router.status()[0].requests_in_flight == 0
+
+
+def test_a_pin_given_by_a_caller_that_joins_a_load_is_kept(make_router: Callable[..., Router],
+                                                           tiny_model: str, tmp_path: Path,
+                                                           events: EventLog) -> None:
+    gate = tmp_path / "gate"
+    router = make_router(backends={"fake": FakeBackend(gate=gate)})
+    router.subscribe(events)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(router.load, tiny_model, backend="fake")
+        events.wait_for(lambda e: e.new is ModelState.LOADING)
+        joiner = pool.submit(router.load, tiny_model, backend="fake", pin=True)
+        time.sleep(0.2)  # let the joiner reach the in-flight load
+        gate.touch()
+        assert first.result(30).action == "loaded" and joiner.result(30).joined
+    assert router.status()[0].pinned
+
+
+def test_close_refuses_new_loads_and_leaves_nothing_running(tiny_model: str, tiny_model_b: str) -> None:
+    import anyio
+
+    from lemon_magic import AsyncRouter, LemonError, LoadOptions, RouterClosed
+
+    async def main() -> list[int]:
+        pids: list[int] = []
+        async with AsyncRouter(RouterConfig(start_timeout=60, max_loaded={"llm": 2})) as r:
+            pids.append((await r.ensure_loaded(tiny_model, LoadOptions(ctx_size=256))).pid)
+
+            async def late_load() -> None:
+                try:
+                    pids.append((await r.ensure_loaded(tiny_model_b, LoadOptions(ctx_size=256))).pid)
+                except (LemonError, RouterClosed):  # refused or cancelled by the close
+                    pass
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(late_load)
+                tg.start_soon(r.aclose)
+            assert not [s for s in r.status() if s.pid]
+        return pids
+
+    for pid in anyio.run(main):
+        assert not alive(pid)
