@@ -24,7 +24,7 @@ import httpx
 from anyio.from_thread import start_blocking_portal
 
 from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
-from lemon_magic.errors import LemonError, RouterClosed
+from lemon_magic.errors import InvalidOptions, RouterClosed
 from lemon_magic.options import LoadOptions
 from lemon_magic.router import (
     AsyncRouter,
@@ -72,8 +72,8 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
               extra: Mapping[str, Any]) -> dict[str, Any]:
     for key in extra:
         if key in {"ctx_size", "threads", "backend", "extra_args", "chat_template"}:
-            raise LemonError(f"{key!r} is a load option; pass it as load_options=LoadOptions(...) "
-                             "or use load()")
+            raise InvalidOptions(f"{key!r} is a load option; pass it as "
+                                 "load_options=LoadOptions(...) or use load()")
     payload = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                "seed": seed, "stop": [stop] if isinstance(stop, str) else stop, **extra}
     return {k: v for k, v in payload.items() if v is not None}
