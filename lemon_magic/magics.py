@@ -24,7 +24,7 @@ from lemon_magic import _render
 from lemon_magic._policy import ModelState
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
-from lemon_magic.registry import DEFAULT_MODEL, Registry
+from lemon_magic.registry import DEFAULT_MODEL
 from lemon_magic.router import Completion, LoadResult
 from lemon_magic.runtime import Router, get_router
 
@@ -435,9 +435,8 @@ class LemonMagics(Magics):
 
     def complete_model_names(self, text: str) -> list[str]:
         """Model names for tab completion: registered names and models the router knows."""
-        names = set(Registry().names())
-        if self._router is not None and not self._router.closed:
-            names.update(s.name for s in self._router.status())
+        router = self.router
+        names = {*router.async_router.registry.names(), *(s.name for s in router.status())}
         return sorted(n for n in names if n.startswith(text))
 
 

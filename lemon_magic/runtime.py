@@ -372,7 +372,7 @@ class Router:
 
     # ---------------------------------------------------------------- shutdown
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self) -> None:
         """Stop every backend and the loop thread; idempotent."""
         with self._close_lock:
             if self._finalizer.alive:

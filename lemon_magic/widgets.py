@@ -23,7 +23,6 @@ import ipywidgets as w
 
 from lemon_magic._policy import ModelState
 from lemon_magic.errors import LemonError
-from lemon_magic.registry import Registry
 from lemon_magic.router import ModelStatus, Plan, RouterEvent
 from lemon_magic.runtime import Router, get_router
 
@@ -118,7 +117,7 @@ class LemonPanel(w.VBox):
 
         self.header = w.HTML("<b>lemon_magic</b>")
         self.rows_box = w.VBox()
-        names = Registry().names()
+        names = self.router.async_router.registry.names()
         self.model = w.Dropdown(options=names, value=names[0], description="model")
         self.ctx_size = w.Text(value=_AUTO, description="ctx size")
         self.threads = w.Text(value=_AUTO, description="threads")
@@ -236,7 +235,7 @@ class LemonPanel(w.VBox):
             row.show(s)
         running = sum(1 for s in statuses if s.pid)
         self.header.value = f"<b>lemon_magic</b> — {len(statuses)} model(s), {running} running"
-        names = sorted({*Registry().names(), *(s.name for s in statuses)})
+        names = sorted({*self.router.async_router.registry.names(), *(s.name for s in statuses)})
         if list(self.model.options) != names:
             selected = self.model.value
             self._keep_model = True  # ipywidgets resets the value to the first option
