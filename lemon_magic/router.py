@@ -191,6 +191,8 @@ class ModelStatus:
     log_tail: tuple[str, ...]
     #: wall-clock time the model entered its current state (uptime when ready, elapsed when loading)
     since: float | None = None
+    #: wall-clock time the idle timer will unload this ready, idle model (``None``: no timer runs)
+    idle_unload_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,14 @@ class Router:
         """Every model the router knows: state, backend, pid, url, options, RSS, timings, errors."""
         return self._call_sync(self._async.status)
 
+    def model_names(self) -> list[str]:
+        """Built-in and registered model names, sorted."""
+        return self._async.registry.names()
+
+    def backend_names(self) -> list[str]:
+        """The backend kinds this router knows, in order of preference."""
+        return list(self._async.backends)
+
     def logs(self, model: str, n: int = 50) -> list[str]:
         """The last ``n`` lines of ``model``'s backend log."""
         return self._call_sync(self._async.log_tail, model, n)
