@@ -12,12 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lemon_magic._policy import ModelState
+    from lemon_magic._records import (
+        Completion,
+        LoadResult,
+        ModelEntry,
+        ModelStatus,
+        Plan,
+        RouterConfig,
+        RouterEvent,
+        UnloadResult,
+    )
     from lemon_magic.errors import (
+        BackendCrashed,
         BackendExited,
         BackendStartError,
         BackendUnavailable,
         HealthCheckTimeout,
+        IllegalTransition,
         InferenceError,
+        Interrupted,
         InvalidModelFile,
         InvalidOptions,
         LemonError,
@@ -26,36 +39,30 @@ if TYPE_CHECKING:
         ModelNotFound,
         ModelNotLoaded,
         NotEnoughMemory,
+        RequestTimeout,
         RouterClosed,
         SlotsFull,
         WaitTimeout,
     )
     from lemon_magic.options import LoadOptions, ResolvedOptions
     from lemon_magic.registry import DEFAULT_MODEL, Registry
-    from lemon_magic.router import (
-        AsyncRouter,
-        Completion,
-        LoadResult,
-        ModelStatus,
-        Plan,
-        RouterConfig,
-        RouterEvent,
-        UnloadResult,
-    )
+    from lemon_magic.router import AsyncRouter
     from lemon_magic.runtime import Router, Stream, get_router
 
 # Names are imported on first use, so `import lemon_magic` and `%load_ext lemon_magic`
 # stay cheap (anyio, httpx and psutil load with the first router call).
 _LAZY = {
     "ModelState": "_policy",
-    **dict.fromkeys(("BackendExited", "BackendStartError", "BackendUnavailable",
-                     "HealthCheckTimeout", "InferenceError", "InvalidModelFile", "InvalidOptions",
-                     "LemonError", "LoadCancelled", "LoadError", "ModelNotFound", "ModelNotLoaded",
-                     "NotEnoughMemory", "RouterClosed", "SlotsFull", "WaitTimeout"), "errors"),
+    **dict.fromkeys(("BackendCrashed", "BackendExited", "BackendStartError", "BackendUnavailable",
+                     "HealthCheckTimeout", "IllegalTransition", "InferenceError", "Interrupted",
+                     "InvalidModelFile", "InvalidOptions", "LemonError", "LoadCancelled",
+                     "LoadError", "ModelNotFound", "ModelNotLoaded", "NotEnoughMemory",
+                     "RequestTimeout", "RouterClosed", "SlotsFull", "WaitTimeout"), "errors"),
     "LoadOptions": "options", "ResolvedOptions": "options",
     "DEFAULT_MODEL": "registry", "Registry": "registry",
-    **dict.fromkeys(("AsyncRouter", "Completion", "LoadResult", "ModelStatus", "Plan",
-                     "RouterConfig", "RouterEvent", "UnloadResult"), "router"),
+    **dict.fromkeys(("Completion", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
+                     "RouterConfig", "RouterEvent", "UnloadResult"), "_records"),
+    "AsyncRouter": "router",
     "Router": "runtime", "Stream": "runtime", "get_router": "runtime",
 }
 
@@ -99,8 +106,9 @@ def unload_ipython_extension(ipython: Any) -> None:
     They live in ``lemon_magic.runtime``, so ``%reload_ext lemon_magic`` keeps
     them too. ``%lemon_unload --all`` stops them; so does the kernel's exit.
     """
-    from lemon_magic.magics import MAGIC_NAMES
+    from lemon_magic.magics import MAGIC_NAMES, remove_completers
 
+    remove_completers(ipython)
     manager = ipython.magics_manager
     for kind in ("line", "cell"):
         for name in MAGIC_NAMES:
@@ -122,12 +130,15 @@ __version__ = "0.1.0"
 __all__ = (
     "DEFAULT_MODEL",
     "AsyncRouter",
+    "BackendCrashed",
     "BackendExited",
     "BackendStartError",
     "BackendUnavailable",
     "Completion",
     "HealthCheckTimeout",
+    "IllegalTransition",
     "InferenceError",
+    "Interrupted",
     "InvalidModelFile",
     "InvalidOptions",
     "LemonError",
@@ -135,6 +146,7 @@ __all__ = (
     "LoadError",
     "LoadOptions",
     "LoadResult",
+    "ModelEntry",
     "ModelNotFound",
     "ModelNotLoaded",
     "ModelState",
@@ -142,6 +154,7 @@ __all__ = (
     "NotEnoughMemory",
     "Plan",
     "Registry",
+    "RequestTimeout",
     "ResolvedOptions",
     "Router",
     "RouterClosed",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from lemon_magic.registry import Registry
-from lemon_magic.router import ModelStatus
+from lemon_magic._records import ModelEntry, ModelStatus
 
 __all__ = ("ModelsTable", "StatusTable")
 
@@ -60,23 +59,15 @@ class StatusTable:
 
 
 class ModelsTable:
-    """What ``%lemon_models`` shows: every registered or built-in model and its state."""
+    """What ``%lemon_models`` shows: every built-in, registered or used model and its state."""
 
     headers = ("model", "source", "kind", "state", "file")
 
-    def __init__(self, registry: Registry, states: Mapping[str, ModelStatus]) -> None:
-        self.rows_: list[list[str]] = []
-        for name in registry.names():
-            try:
-                spec = registry._lookup(name)
-                source, kind, path = spec.source, spec.kind, str(spec.path)
-            except Exception as exc:  # a registration whose file went away still gets a row
-                source, kind, path = "?", "?", f"({exc})"
-            state = states[name].state if name in states else "unloaded"
-            self.rows_.append([name, source, kind, str(state), path])
-        for name, status in states.items():
-            if name not in registry.names():
-                self.rows_.append([name, "path", status.kind, str(status.state), name])
+    def __init__(self, entries: Sequence[ModelEntry]) -> None:
+        self.entries = list(entries)
+        self.rows_ = [[e.name, e.source, e.kind, str(e.state),
+                       f"({e.problem})" if e.problem else
+                       e.path + ("" if e.present else " (not on disk yet)")] for e in entries]
 
     def __repr__(self) -> str:
         return _table(self.headers, self.rows_)

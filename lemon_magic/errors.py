@@ -17,10 +17,14 @@ fields a UI needs (``model``, ``returncode``, ``log_tail``)::
     │   ├── NotEnoughMemory         memory admission refused the load
     │   └── SlotsFull               every slot of the model's type is pinned
     ├── InferenceError              a request to a ready backend failed
+    │   ├── BackendCrashed          the backend exited while serving the request
+    │   └── RequestTimeout          the request ran past its deadline or idle gap
     └── WaitTimeout                 a bounded wait ran out
 
 Misuse of the API (a closed router) raises :class:`RouterClosed`, a
-``RuntimeError``.
+``RuntimeError``; a lifecycle bug (a state change the transition table does not
+allow) raises :class:`IllegalTransition`. A Stop (``KeyboardInterrupt``) while
+a call waits is re-raised as :class:`Interrupted`, which says what goes on.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = (
+    "BackendCrashed",
     "BackendExited",
     "BackendStartError",
     "BackendUnavailable",
     "HealthCheckTimeout",
+    "IllegalTransition",
     "InferenceError",
+    "Interrupted",
     "InvalidModelFile",
     "InvalidOptions",
     "LemonError",
@@ -41,6 +48,7 @@ __all__ = (
     "ModelNotFound",
     "ModelNotLoaded",
     "NotEnoughMemory",
+    "RequestTimeout",
     "RouterClosed",
     "SlotsFull",
     "WaitTimeout",
@@ -151,6 +159,21 @@ class InferenceError(LemonError):
     """Raised when a request to a ready backend fails."""
 
 
+class BackendCrashed(InferenceError):
+    """Raised when a backend exits while it serves a request."""
+
+    def __init__(self, model: str, returncode: int | None, log_tail: Sequence[str] = ()) -> None:
+        self.returncode = returncode
+        code = "unknown code" if returncode is None else _describe_returncode(returncode)
+        super().__init__(f"backend of {model!r} exited while serving the request ({code})",
+                         model=model, log_tail=log_tail)
+
+
+class RequestTimeout(InferenceError):
+    """Raised when a request runs past ``request_timeout`` (whole answer) or
+    ``stream_idle_timeout`` (silence between two streamed pieces)."""
+
+
 class WaitTimeout(LemonError):
     """Raised when a bounded wait (for a load, or for requests to drain) runs out."""
 
@@ -160,6 +183,32 @@ class RouterClosed(RuntimeError):
 
     def __init__(self) -> None:
         super().__init__("the lemon_magic router is closed; call get_router() for a new one")
+
+
+class IllegalTransition(RuntimeError):
+    """Raised when a model's state would change in a way the transition table forbids (a bug)."""
+
+    def __init__(self, model: str, old: object, new: object) -> None:
+        super().__init__(f"illegal transition {old} -> {new} for {model!r}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when Stop (``KeyboardInterrupt``) ends a call that was waiting; says what goes on.
+
+    ``phase`` is ``"load"`` (the model was still loading: the load goes on in the
+    background), ``"request"`` (a request was cancelled) or ``"stream"`` (the
+    generation was stopped; what was read is partial).
+    """
+
+    def __init__(self, model: str, phase: str) -> None:
+        self.model, self.phase = model, phase
+        text = {"load": f"stopped waiting for {model} to load; the load goes on in the background",
+                "request": "the request was cancelled",
+                "stream": "generation stopped; the text above is partial"}[phase]
+        super().__init__(text)
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"interrupted: {self.args[0]}"]
 
 
 def _describe_returncode(code: int) -> str:

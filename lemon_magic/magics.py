@@ -20,12 +20,12 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
-from lemon_magic import _render
+from lemon_magic import _render, errors
 from lemon_magic._policy import ModelState
+from lemon_magic._records import Completion, LoadResult
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import DEFAULT_MODEL
-from lemon_magic.router import Completion, LoadResult
 from lemon_magic.runtime import Router, get_router
 
 __all__ = ("InferenceText", "Interrupted", "LemonMagics")
@@ -39,6 +39,14 @@ class Interrupted(KeyboardInterrupt):
 
     def _render_traceback_(self) -> list[str]:
         return [f"interrupted: {self.args[0]}"]
+
+
+def _interrupted(exc: errors.Interrupted) -> Interrupted:
+    """The magic's one truthful line for a Stop, by what the call was waiting for."""
+    if exc.phase == "load":
+        return Interrupted(f"stopped waiting for {exc.model} to load; the load goes on in the "
+                           f"background (%lemon_unload {exc.model} stops it)")
+    return Interrupted(str(exc))
 
 
 class InferenceText(str):
@@ -111,10 +119,15 @@ class LemonMagics(Magics):
     stream = Bool(True, help="stream tokens into the cell as they arrive").tag(config=True)
     max_tokens = Int(256, help="default max_tokens for %%lemon_infer").tag(config=True)
     start_timeout = Float(120.0, help="seconds a backend may take to become healthy").tag(config=True)
-    request_timeout = Float(600.0, help="seconds one inference request may take").tag(config=True)
+    request_timeout = Float(600.0, help="seconds a whole non-streamed request may take").tag(config=True)
+    stream_idle_timeout = Float(120.0, help="seconds a streamed answer may stay silent (the first "
+                                "token included)").tag(config=True)
     load_wait_timeout = Float(300.0, help="seconds a call waits for a load in flight").tag(config=True)
+    idle_timeout = Float(None, allow_none=True, help="unload a ready model after this many seconds "
+                         "without a request (None: never; pinned models never)").tag(config=True)
 
-    _ROUTER_SETTINGS = ("start_timeout", "request_timeout", "load_wait_timeout")
+    _ROUTER_SETTINGS = ("start_timeout", "request_timeout", "stream_idle_timeout",
+                        "load_wait_timeout", "idle_timeout")
     _LOAD_DEFAULTS = ("ctx_size", "threads", "backend")
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
@@ -247,7 +260,10 @@ class LemonMagics(Magics):
         if not prompt.strip():
             raise UsageError("the cell is empty: write a prompt below %%lemon_infer")
         model = self._model(args.model)
-        sampling = {"max_tokens": args.max_tokens or self.max_tokens, "temperature": args.temperature,
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise UsageError(f"--max-tokens must be a positive number, got {args.max_tokens}")
+        max_tokens = self.max_tokens if args.max_tokens is None else args.max_tokens
+        sampling = {"max_tokens": max_tokens, "temperature": args.temperature,
                     "top_p": args.top_p, "seed": args.seed, "stop": args.stop,
                     "load_options": LoadOptions(ctx_size=args.ctx_size) if args.ctx_size else None}
         if args.chat:
@@ -270,8 +286,8 @@ class LemonMagics(Magics):
     def _run_whole(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion:
         try:
             completion: Completion = call(stream=False, **sampling)
-        except KeyboardInterrupt:
-            raise Interrupted("the request was cancelled") from None
+        except errors.Interrupted as exc:
+            raise _interrupted(exc) from None
         note = _load_note(completion.load)
         if note:
             print(note)
@@ -279,20 +295,21 @@ class LemonMagics(Magics):
         return completion
 
     def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion | None:
-        stream = call(stream=True, **sampling)
         out = sys.stdout
-        try:
-            load = stream.wait_loaded()
-            note = load and _load_note(load)
-            if note:
-                print(note)
-            for chunk in stream:
-                out.write(chunk)
-                out.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            out.write("\n")
-            raise Interrupted("generation stopped; the text above is partial") from None
+        stream = call(stream=True, **sampling)  # starts nothing yet
+        with stream:
+            try:
+                load = stream.wait_loaded()
+                note = load and _load_note(load)
+                if note:
+                    print(note)
+                for chunk in stream:
+                    out.write(chunk)
+                    out.flush()
+            except errors.Interrupted as exc:
+                if exc.phase != "load":
+                    out.write("\n")
+                raise _interrupted(exc) from None
         out.write("\n")
         done: Completion | None = stream.completion
         return done
@@ -369,9 +386,7 @@ class LemonMagics(Magics):
         """
         if line.strip():
             raise UsageError("%lemon_models takes no arguments")
-        registry = self.router.async_router.registry
-        states = {s.name: s for s in self.router.status()}
-        return _render.ModelsTable(registry, states)
+        return _render.ModelsTable(self.router.models())
 
     @_no_abbrev
     @magic_arguments()
@@ -410,9 +425,24 @@ class LemonMagics(Magics):
         defaults = {k: v for k, v in {"ctx_size": args.ctx_size, "threads": args.threads,
                                       "backend": args.backend,
                                       "chat_template": args.chat_template}.items() if v is not None}
-        spec = self.router.async_router.registry.register(args.name, args.path, kind=args.kind,
-                                                          description=args.description, **defaults)
+        spec = self.router.register(args.name, args.path, kind=args.kind,
+                                    description=args.description, **defaults)
         print(f"registered {spec.name} → {spec.path}")
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("name", help="the registered name to forget (a loaded model is unloaded first)")
+    @line_magic
+    def lemon_unregister(self, line: str) -> None:
+        """Forget a registered name (its file stays on disk).
+
+        In [1]: %lemon_unregister tiny
+        unregistered tiny
+        """
+        args = _parse(self.lemon_unregister, line)
+        unloaded = self.router.unregister(args.name)
+        print(f"unregistered {args.name}" + (f" (unloaded pid {unloaded.pid})" if unloaded and
+                                              unloaded.pid else ""))
 
     @line_magic
     def lemon_panel(self, line: str) -> Any:
@@ -436,12 +466,13 @@ class LemonMagics(Magics):
     def complete_model_names(self, text: str) -> list[str]:
         """Model names for tab completion: registered names and models the router knows."""
         router = self.router
-        names = {*router.async_router.registry.names(), *(s.name for s in router.status())}
+        names = {*router.model_names(), *(s.name for s in router.status())}
         return sorted(n for n in names if n.startswith(text))
 
 
 MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
-               "lemon_logs", "lemon_register", "lemon_panel")
+               "lemon_logs", "lemon_register", "lemon_unregister", "lemon_panel")
+_COMPLETED = ("lemon_load", "lemon_unload", "lemon_logs", "lemon_infer", "lemon_unregister")
 _panel: Any = None  # the kernel's panel (one per kernel)
 
 
@@ -472,11 +503,29 @@ def apply_pyproject(magics: LemonMagics, directory: Path) -> list[str]:
 
 
 def install_completers(shell: Any, magics: LemonMagics) -> None:
-    """Tab-complete model names after the magics that take one."""
+    """Tab-complete model names after the magics that take one (replacing earlier ones)."""
 
     def complete(_self: Any, event: Any) -> Iterable[str]:
         return magics.complete_model_names(event.symbol)
 
-    for name in ("lemon_load", "lemon_unload", "lemon_logs", "lemon_infer"):
+    complete.lemon_magic = True  # type: ignore[attr-defined]
+    remove_completers(shell)
+    for name in _COMPLETED:
         for prefix in ("%", "%%"):
             shell.set_hook("complete_command", complete, str_key=f"{prefix}{name}")
+
+
+def remove_completers(shell: Any) -> None:
+    """Drop the completers :func:`install_completers` added (``%unload_ext``)."""
+    dispatcher = getattr(shell, "strdispatchers", {}).get("complete_command")
+    if dispatcher is None:
+        return
+    for name in _COMPLETED:
+        for prefix in ("%", "%%"):
+            chain = dispatcher.strs.get(f"{prefix}{name}")
+            if chain is None:
+                continue
+            chain.chain = [(p, f) for p, f in chain.chain
+                           if not getattr(getattr(f, "__func__", f), "lemon_magic", False)]
+            if not chain.chain:
+                del dispatcher.strs[f"{prefix}{name}"]

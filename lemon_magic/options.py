@@ -130,6 +130,8 @@ class ResolvedOptions:
     threads: int
     extra_args: tuple[str, ...] = ()
     chat_template: str | None = None
+    #: the GGUF file served: a name registered anew to another file loads differently
+    model_path: str = ""
 
     def diff(self, other: ResolvedOptions) -> dict[str, tuple[Any, Any]]:
         """``{field: (self's value, other's value)}`` for every field that differs."""

@@ -48,13 +48,18 @@ class ModelSpec:
 _assemble_lock = threading.Lock()
 
 
+def embedded_target() -> Path:
+    """Where the embedded model is (or will be) assembled; nothing is written."""
+    return cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+
+
 def embedded_model_path() -> Path:
     """Assemble the embedded Gemma 3 270M once into the cache dir and return its path.
 
     The package verifies the sha256 of what it assembles; we assemble to a
     temporary name and rename, so a crash never leaves a half-written model.
     """
-    target = cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    target = embedded_target()
     if target.exists():
         return target
     with _assemble_lock:
@@ -74,6 +79,25 @@ def embedded_model_path() -> Path:
         finally:
             partial.unlink(missing_ok=True)
     return target
+
+
+def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
+    """A registration as read back from the JSON file; anything malformed is one clear error."""
+    try:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise TypeError("it has no file path")
+        kind = entry.get("kind", "llm")
+        if kind not in MODEL_KINDS:
+            raise TypeError(f"its kind {kind!r} is not one of {', '.join(MODEL_KINDS)}")
+        defaults = entry.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise TypeError("its defaults are not a table")
+        return ModelSpec(name, Path(entry["path"]), kind, LoadOptions.from_kwargs(defaults), "user",
+                         str(entry.get("description", "")))
+    except (TypeError, InvalidOptions) as exc:
+        problem = exc.message if isinstance(exc, InvalidOptions) else str(exc)
+        raise InvalidModelFile(str(registry), f"has a malformed entry for {name!r}: {problem} "
+                               "(register it again or edit the file)", model=name) from None
 
 
 def _check_name(name: object) -> str:
@@ -114,6 +138,26 @@ class Registry:
         """Built-in and registered names, sorted."""
         return sorted({DEFAULT_MODEL, *self._load_user()})
 
+    def generation(self) -> tuple[int, int, int]:
+        """Changes whenever the registrations file does (one ``stat``): caches key on it."""
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return (0, 0, 0)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def lookup(self, name: str) -> ModelSpec:
+        """The spec for ``name`` without reading or assembling the model file.
+
+        :raises ModelNotFound: neither a known name nor a path.
+        :raises InvalidModelFile: a registration that is malformed, or a path that is missing.
+        """
+        if name == DEFAULT_MODEL:
+            return ModelSpec(DEFAULT_MODEL, embedded_target(), "llm",
+                             LoadOptions(chat_template="gemma"), "builtin",
+                             "Gemma 3 270M base model, Q4_K_M (embedded in a PyPI package)")
+        return self._lookup(name)
+
     def resolve(self, name: str) -> ModelSpec:
         """The spec for ``name``: a built-in, a registered name, or a path to a ``.gguf`` file.
 
@@ -124,20 +168,16 @@ class Registry:
         """
         if not isinstance(name, str) or not name.strip():
             raise ModelNotFound(repr(name), self.names())
-        spec = self._lookup(name)
+        spec = self.lookup(name)
+        if spec.source == "builtin":
+            embedded_model_path()  # assembled once (253 MB): call from a worker thread
         _ = spec.info  # validates the file (cached)
         return spec
 
     def _lookup(self, name: str) -> ModelSpec:
-        if name == DEFAULT_MODEL:
-            return ModelSpec(DEFAULT_MODEL, embedded_model_path(), "llm",
-                             LoadOptions(chat_template="gemma"), "builtin",
-                             "Gemma 3 270M base model, Q4_K_M (embedded in a PyPI package)")
         user = self._load_user().get(name)
-        if isinstance(user, dict):
-            return ModelSpec(name, Path(user["path"]), user.get("kind", "llm"),
-                             LoadOptions(**user.get("defaults", {})), "user",
-                             user.get("description", ""))
+        if user is not None:
+            return _user_spec(self._path, name, user)
         looks_like_path = name.endswith(".gguf") or os.sep in name
         if looks_like_path:
             path = Path(name).expanduser()
@@ -164,7 +204,7 @@ class Registry:
             data = self._load_user()
             data[name] = entry
             self._write(data)
-        return self._lookup(name)
+        return self.lookup(name)
 
     def unregister(self, name: str) -> None:
         """Forget a user registration.

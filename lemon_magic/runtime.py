@@ -2,10 +2,11 @@
 
 Scripts, magics and widgets call :class:`Router` from any thread. Each call
 starts a task on the router's loop and waits for it; a ``KeyboardInterrupt``
-(the notebook's Stop button) cancels that task, so nothing keeps running on
-behalf of a call the user abandoned. Loads themselves run in the router's own
-task group: an interrupted ``load`` stops waiting, while the load goes on and
-leaves the model ready (unload it if you do not want it).
+(the notebook's Stop button) cancels that task and is re-raised as
+:class:`~lemon_magic.errors.Interrupted`, which says what goes on. Loads
+themselves run in the router's own task group: an interrupted ``load`` stops
+waiting, while the load goes on and leaves the model ready (unload it if you
+do not want it).
 """
 
 from __future__ import annotations
@@ -15,56 +16,35 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
+import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import httpx
 from anyio.from_thread import start_blocking_portal
 
-from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
-from lemon_magic.errors import InvalidOptions, RouterClosed
-from lemon_magic.options import LoadOptions
-from lemon_magic.router import (
-    AsyncRouter,
+from lemon_magic import _requests
+from lemon_magic._inference import check_payload
+from lemon_magic._records import (
     Completion,
-    Lease,
     LoadResult,
+    ModelEntry,
     ModelStatus,
     Plan,
     RouterConfig,
     RouterEvent,
     UnloadResult,
 )
+from lemon_magic.errors import Interrupted, InvalidOptions, RouterClosed
+from lemon_magic.options import LoadOptions
+from lemon_magic.registry import ModelSpec
+from lemon_magic.router import AsyncRouter
 
 __all__ = ("Router", "Stream", "get_router")
 
-
-class _StreamState:
-    """What a streaming request has learnt so far (shared by a Stream and its generator)."""
-
-    def __init__(self) -> None:
-        self.load: LoadResult | None = None
-        self.completion: Completion | None = None
-
-
-class _Http:
-    """A request's HTTP client, and whether the request was served to the end."""
-
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
-        self.served = False
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.client.post(url, **kwargs)
-
-    def stream(self, method: str, url: str, **kwargs: Any) -> contextlib.AbstractContextManager[
-            httpx.Response]:
-        return self.client.stream(method, url, **kwargs)
-
 T = TypeVar("T")
-_LOADED = object()
 
 
 def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | None,
@@ -74,6 +54,9 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
         if key in {"ctx_size", "threads", "backend", "extra_args", "chat_template"}:
             raise InvalidOptions(f"{key!r} is a load option; pass it as "
                                  "load_options=LoadOptions(...) or use load()")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens <= 0):
+        raise InvalidOptions(f"max_tokens must be a positive integer, got {max_tokens!r}")
     payload = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                "seed": seed, "stop": [stop] if isinstance(stop, str) else stop, **extra}
     return {k: v for k, v in payload.items() if v is not None}
@@ -82,60 +65,140 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
 class Stream(Iterator[str]):
     """Text chunks of a streamed response, as they arrive; ``completion`` is set at the end.
 
-    Creating it (``complete(..., stream=True)``) returns once the backend has
-    started answering: a failed auto-load raises there.
-
-    The HTTP stream is read in the iterating thread itself, straight from the
-    backend's socket (the router's loop only admits and releases the request),
-    so tokens reach the caller as fast as a plain httpx client would get them.
-    ``close()`` (or leaving a ``with`` block, or a ``KeyboardInterrupt``)
-    closes the request; the backend stops generating.
+    Nothing starts until the first ``next()`` (or :meth:`wait_loaded`): a
+    stream nobody iterates holds no model. The first ``next()`` auto-loads the
+    model (a failed load raises there) and opens the request; the HTTP stream
+    is then read in the iterating thread itself, straight from the backend's
+    socket, so tokens reach the caller as fast as a plain httpx client would get
+    them. ``close()`` (from any thread; or leaving a ``with`` block, or a
+    ``KeyboardInterrupt``) ends the request at once; the backend stops generating.
     """
 
     def __init__(self, router: Router, model: str, path: str, payload: dict[str, Any],
                  load_options: LoadOptions | None) -> None:
-        # the generator gets a plain holder, not this object: no reference cycle, so a
-        # Stream dropped half-way is closed (and its request released) at once
-        self._state = _StreamState()
-        self._chunks = router._stream_chunks(self._state, model, path, payload, load_options)
-        self.wait_loaded()  # load errors raise here, and the request runs from now on
+        self._router, self._model, self._path = router, model, path
+        self._payload, self._load_options = payload, load_options
+        self._lock = threading.Lock()
+        self._lease: _requests.Lease | None = None
+        self._response: httpx.Response | None = None
+        self._exit: contextlib.ExitStack | None = None
+        self._lines: Iterator[str] | None = None
+        self._reader: _requests.ResponseReader | None = None
+        self._closed = False
+        self._reading = False
+        #: the whole response, once the stream is exhausted
+        self.completion: Completion | None = None
 
     @property
     def load(self) -> LoadResult | None:
-        """How the model was loaded for this request (set when the backend starts answering)."""
-        return self._state.load
-
-    @property
-    def completion(self) -> Completion | None:
-        """The whole response, once the stream is exhausted."""
-        return self._state.completion
-
-    def __del__(self) -> None:
-        chunks = getattr(self, "_chunks", None)
-        if chunks is not None:
-            chunks.close()
+        """How the model was loaded for this request (``None`` until it starts)."""
+        return self._lease.load if self._lease is not None else None
 
     def wait_loaded(self) -> LoadResult | None:
-        """Block until the backend starts answering; returns how the model was loaded."""
-        if self.load is None:
-            try:
-                first = next(self._chunks)
-            except StopIteration:
-                return self.load
-            if first is not _LOADED:  # pragma: no cover - the generator yields _LOADED first
-                raise AssertionError("stream protocol")
+        """Start the request if needed and block until the backend answers; returns how the
+        model was loaded (``None`` if the stream was closed first).
+
+        :raises Interrupted: Stop while the model was loading (the load goes on).
+        """
+        self._open()
         return self.load
 
+    def _open(self) -> None:
+        with self._lock:
+            if self._closed or self._lease is not None:
+                return
+            lease = self._lease = _requests.Lease()
+        router = self._router
+        try:
+            load = router._call(router._async._admit, self._model, self._load_options, lease)
+            config = router._async.config
+            self._exit = contextlib.ExitStack()
+            self._reader = _requests.ResponseReader(load.model, self._path, stream=True)
+            try:
+                assert lease.process is not None
+                self._response = self._exit.enter_context(router._http_client().stream(
+                    "POST", lease.process.url + self._path, json=self._payload,
+                    timeout=_requests.timeouts(config.stream_idle_timeout)))
+                if self._response.status_code != 200:
+                    self._reader.check_status(self._response.status_code, self._response.read())
+            except _requests.TRANSLATED as exc:
+                raise self._failure(exc) from exc
+            self._lines = self._response.iter_lines()
+        except KeyboardInterrupt:
+            self.close()
+            raise Interrupted(self._model, "load" if lease.load is None else "request") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        assert self._lease is not None
+        limit = self._router._async.config.stream_idle_timeout
+        return _requests.failure_blocking(exc, self._lease, f"{limit:g} s (stream_idle_timeout)")
+
     def __next__(self) -> str:
-        while True:
-            item = next(self._chunks)
-            if item is not _LOADED:
-                assert isinstance(item, str)
-                return item
+        self._open()
+        with self._lock:
+            if self._closed or self._lines is None:
+                raise StopIteration
+            self._reading = True
+        reader = self._reader
+        assert reader is not None and self._lease is not None
+        try:
+            for line in self._lines:
+                text = reader.feed_line(line)
+                if reader.done:
+                    assert self._lease.load is not None
+                    self.completion = reader.completion(self._lease.load)
+                    self._lease.served = True
+                    break
+                if text:
+                    return text
+            else:
+                reader.finish()
+        except KeyboardInterrupt:
+            self._reading = False
+            self.close()
+            raise Interrupted(self._model, "stream") from None
+        except _requests.TRANSLATED as exc:
+            if self._closed:  # closed from another thread while this one read
+                raise StopIteration from None
+            error = self._failure(exc)
+            self._reading = False
+            self.close()
+            raise error from exc
+        finally:
+            with self._lock:
+                self._reading = False
+                closed_meanwhile = self._closed
+            if closed_meanwhile:
+                self._close_response()
+        self.close()
+        raise StopIteration
 
     def close(self) -> None:
-        """Close the request if it is still running (idempotent)."""
-        self._chunks.close()
+        """End the request if it is still running; safe from any thread, idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            reading = self._reading
+        if not reading:  # else the reading thread closes the response when its read returns
+            self._close_response()
+        lease, router = self._lease, self._router
+        if lease is not None and not router.closed:  # a closed router has stopped its backends
+            router._call_sync(router._async._end_lease, lease)
+
+    def _close_response(self) -> None:
+        exit_stack, self._exit = self._exit, None
+        if exit_stack is not None:
+            with contextlib.suppress(Exception):
+                exit_stack.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lease", None) is not None:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -149,6 +212,10 @@ class Stream(Iterator[str]):
         for _ in self:
             pass
         return self.completion.text if self.completion else ""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._lease else "not started")
+        return f"<lemon_magic.Stream {self._model} {state}>"
 
 
 class Router:
@@ -172,6 +239,7 @@ class Router:
         self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
         self._loop_thread: int = self._portal.call(threading.get_ident)
         self._close_lock = threading.Lock()
+        self._http_lock = threading.Lock()
         self._http: httpx.Client | None = None
         self._finalizer = weakref.finalize(self, Router._shutdown, self._stack, self._async)
         _ALL.add(self)
@@ -215,7 +283,16 @@ class Router:
         self._loop.call_soon_threadsafe(run)
         return future.result()
 
-    # ---------------------------------------------------------------- the API
+    def _http_client(self) -> httpx.Client:
+        """The client that streamed requests use from callers' threads (made once, under a lock;
+        each request sets its own timeouts from the config of the moment)."""
+        with self._http_lock:
+            if self._http is None:
+                self._http = httpx.Client(trust_env=False,
+                                          limits=httpx.Limits(max_keepalive_connections=0))
+            return self._http
+
+    # ---------------------------------------------------------------- loading
 
     def load(self, model: str, *, pin: bool | None = None, **options: Any) -> LoadResult:
         """Ensure ``model`` is loaded with these options (``ctx_size``, ``threads``, ``backend``,
@@ -225,7 +302,7 @@ class Router:
         """
         requested = LoadOptions.from_kwargs(options)
         if pin is None:
-            fast = self._call_sync(self._async.try_noop, model, requested)
+            fast = self._call_sync(self._async._try_noop, model, requested)
             if fast is not None:
                 return fast
         return self._call(self._async.ensure_loaded, model, requested, explicit=True, pin=pin)
@@ -260,9 +337,24 @@ class Router:
         """Unload every model."""
         return self._call(self._async.unload_all)
 
-    def status(self) -> list[ModelStatus]:
-        """Every model the router knows: state, backend, pid, url, options, RSS, timings, errors."""
-        return self._call_sync(self._async.status)
+    # ---------------------------------------------------------------- models and state
+
+    def register(self, name: str, path: str | os.PathLike[str], *, kind: str = "llm",
+                 description: str = "", **defaults: Any) -> ModelSpec:
+        """Give a GGUF file a name with default load options (kept across sessions).
+
+        :raises LemonError: a bad name, kind, option or file (nothing changes).
+        """
+        return self._call(self._async.register, name, path, kind=kind, description=description,
+                          **defaults)
+
+    def unregister(self, name: str) -> UnloadResult | None:
+        """Forget a registration (unloading the model first if it is loaded)."""
+        return self._call(self._async.unregister, name)
+
+    def models(self) -> list[ModelEntry]:
+        """Every model loadable by name, with where its file is and its state."""
+        return self._call_sync(self._async.models)
 
     def model_names(self) -> list[str]:
         """Built-in and registered model names, sorted."""
@@ -272,22 +364,43 @@ class Router:
         """The backend kinds this router knows, in order of preference."""
         return list(self._async.backends)
 
+    def status(self) -> list[ModelStatus]:
+        """Every model the router knows: state, backend, pid, url, options, RSS, timings, errors."""
+        return self._call_sync(self._async.status)
+
     def logs(self, model: str, n: int = 50) -> list[str]:
         """The last ``n`` lines of ``model``'s backend log."""
         return self._call_sync(self._async.log_tail, model, n)
 
     def configure(self, **changes: Any) -> RouterConfig:
-        """Change ``RouterConfig`` fields (timeouts, slots, memory limit) of the running router."""
+        """Change ``RouterConfig`` fields (timeouts, slots, memory limit, idle timeout) of the
+        running router; they apply to the next decision, wait or request."""
         return self._call_sync(self._async.configure, changes)
 
+    @property
+    def config(self) -> RouterConfig:
+        """The settings in force."""
+        return self._async.config
+
     def subscribe(self, callback: Callable[[RouterEvent], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` on every state change (on the router's thread)."""
-        return self._call_sync(self._async.subscribe, callback)
+        """Call ``callback(event)`` on every state change (on the router's thread).
+
+        Returns a function that unsubscribes; it is safe from any thread and idempotent.
+        """
+        self._call_sync(self._async.subscribe, callback)
+
+        def unsubscribe() -> None:
+            if not self.closed:
+                self._call_sync(self._async.unsubscribe, callback)
+
+        return unsubscribe
 
     @property
     def spawn_count(self) -> int:
         """How many backend processes this router has started."""
         return self._async.spawn_count
+
+    # ---------------------------------------------------------------- inference
 
     def complete(self, model: str, prompt: str, *, max_tokens: int | None = 256,
                  temperature: float | None = None, top_p: float | None = None,
@@ -296,7 +409,9 @@ class Router:
                  **extra: Any) -> Completion | Stream:
         """Complete ``prompt`` (``/v1/completions``); auto-loads ``model``, never reloads it.
 
-        With ``stream=True`` returns a :class:`Stream` of text chunks.
+        With ``stream=True`` returns a :class:`Stream` of text chunks (started on first use).
+
+        :raises Interrupted: Stop while waiting (``phase`` says for what).
         """
         payload = {"prompt": prompt, **_sampling(max_tokens, temperature, top_p, seed, stop, extra)}
         return self._infer(model, "/v1/completions", payload, stream, load_options)
@@ -318,65 +433,12 @@ class Router:
         check_payload(payload)
         if stream:
             return Stream(self, model, path, {**payload, "stream": True}, load_options)
-        acc = Accumulator("chat" in path)
-        with self._lease(model, load_options) as (load, http):
-            response = http.post(load.url + path, json={**payload, "stream": False})
-            if response.status_code != 200:
-                raise http_error(load.model, response.status_code, response.text)
-            acc.add_body(response.json())
-            http.served = True
-        return Completion(load.model, acc.text, acc.finish, acc.usage, acc.last, load)
-
-    def _stream_chunks(self, stream: _StreamState, model: str, path: str, payload: dict[str, Any],
-                       load_options: LoadOptions | None) -> Generator[object, None, None]:
-        acc = Accumulator("chat" in path)
-        with self._lease(model, load_options) as (load, http), \
-                http.stream("POST", load.url + path, json=payload) as response:
-            if response.status_code != 200:
-                raise http_error(load.model, response.status_code,
-                                 response.read().decode("utf-8", "replace"))
-            stream.load = load
-            yield _LOADED
-            for line in response.iter_lines():
-                event = parse_sse_line(line)
-                if event is DONE:
-                    http.served = True
-                    stream.completion = Completion(load.model, acc.text, acc.finish, acc.usage,
-                                                   acc.last, load)
-                    return
-                if event is not None:
-                    assert isinstance(event, dict)
-                    text = acc.add_event(event)
-                    if text:
-                        yield text
-            raise httpx.RemoteProtocolError("the stream ended without [DONE]")
-
-    @contextlib.contextmanager
-    def _lease(self, model: str,
-               load_options: LoadOptions | None) -> Iterator[tuple[LoadResult, _Http]]:
-        """Admit a request on the router's loop, run it in this thread, release it there.
-
-        The lease is ended in ``finally`` even if Stop lands between the loop admitting
-        the request and this thread learning of it: nothing stays counted in flight.
-        """
-        lease = Lease()
-        http = _Http(self._http_client())
+        lease = _requests.Lease()  # read here only to tell Stop's phase
         try:
-            load = self._call(self._async.acquire, model, load_options, lease=lease)
-            try:
-                yield load, http
-            except httpx.HTTPError as exc:
-                raise self._call(self._async.request_failed, load.model, load.pid, exc) from exc
-        finally:
-            if not self.closed:  # a closed router has stopped its backends already
-                self._call_sync(self._async.end_lease, lease, served=http.served)
-
-    def _http_client(self) -> httpx.Client:
-        if self._http is None:
-            self._http = httpx.Client(
-                timeout=httpx.Timeout(self._async.config.request_timeout, connect=5.0),
-                trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
-        return self._http
+            return self._call(self._async.request, model, path, payload,
+                              load_options=load_options, lease=lease)
+        except KeyboardInterrupt:
+            raise Interrupted(model, "load" if lease.load is None else "request") from None
 
     # ---------------------------------------------------------------- shutdown
 
@@ -385,15 +447,16 @@ class Router:
         with self._close_lock:
             if self._finalizer.alive:
                 self._finalizer()
-            if self._http is not None:
-                self._http.close()
+            with self._http_lock:
+                if self._http is not None:
+                    self._http.close()
 
     @staticmethod
     def _shutdown(stack: contextlib.ExitStack, router: AsyncRouter) -> None:
         try:
             stack.close()  # runs AsyncRouter.__aexit__ (unload all), then stops the portal
         except BaseException:
-            router.kill_all_now()
+            router._kill_all_now()
             raise
 
     def __enter__(self) -> Router:

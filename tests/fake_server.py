@@ -4,6 +4,8 @@
 
 /health answers 503 until FILE exists (no --gate: at once), then 200.
 /v1/completions answers a fixed text; SSE when "stream" is true.
+Environment: FAKE_TOKEN_DELAY (seconds between streamed pieces), FAKE_BODY_TRICKLE (seconds
+between the bytes of a whole answer, sent in 8 pieces).
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ def main() -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            trickle = float(os.environ.get("FAKE_BODY_TRICKLE", "0"))
+            step = max(1, len(data) // 8)
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
+                time.sleep(trickle)
 
     ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
 

@@ -1,0 +1,212 @@
+"""The router's public records: settings, results and snapshots, as frozen dataclasses.
+
+Views (magics, widgets, tables) import these without pulling in anyio, httpx
+or psutil.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lemon_magic._policy import ModelState
+from lemon_magic.options import LoadOptions, ResolvedOptions
+
+__all__ = ("Chunk", "Completion", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
+           "RouterConfig", "RouterEvent", "UnloadResult")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Limits and timeouts of a router; every wait is bounded by one of these.
+
+    Changes made with ``configure`` apply to the next decision, wait or request.
+    """
+
+    #: models of each kind that may be loaded at once (Lemonade's default: 1 llm)
+    max_loaded: Mapping[str, int] = field(
+        default_factory=lambda: {"llm": 1, "embedding": 1, "reranking": 1})
+    #: seconds a backend may take from spawn to healthy
+    start_timeout: float = 120.0
+    #: seconds a caller waits for an in-flight load (others' or its own)
+    load_wait_timeout: float = 300.0
+    #: seconds an unload or eviction waits for requests in flight before stopping anyway
+    drain_timeout: float = 30.0
+    #: seconds between SIGTERM and SIGKILL
+    stop_grace: float = 5.0
+    #: total deadline, in seconds, of one non-streamed request (from sending it to the last byte)
+    request_timeout: float = 600.0
+    #: longest silence, in seconds, between two pieces of a streamed response (the first
+    #: piece included: it comes after the prompt is processed)
+    stream_idle_timeout: float = 120.0
+    #: seconds a ready model may sit with no request in flight before it is unloaded
+    #: (``None``: never; pinned models never are)
+    idle_timeout: float | None = None
+    #: memory budget in bytes for all backends (``None``: what psutil says is available)
+    memory_limit: int | None = None
+    #: lines of each backend's log kept in memory
+    log_lines: int = 400
+    #: times a port clash is retried with a new port
+    port_retries: int = 3
+    #: load options used where neither the request nor the model's registration sets one
+    default_options: LoadOptions = field(default_factory=LoadOptions)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``load``/``ensure_loaded`` did."""
+
+    model: str
+    #: ``"loaded"`` (started), ``"noop"`` (already loaded as asked) or ``"reloaded"``
+    action: Literal["loaded", "noop", "reloaded"]
+    backend: str
+    pid: int
+    url: str
+    options: ResolvedOptions
+    #: wall time of this call (including any wait for another caller's load)
+    seconds: float
+    #: spawn-to-healthy time of the process now serving the model
+    load_seconds: float
+    #: this call joined a load that another caller started
+    joined: bool = False
+    #: auto-load only: requested option → (loaded, requested) where the loaded process differs
+    options_differ: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+    #: for a reload: the options it replaced
+    previous_options: ResolvedOptions | None = None
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """What ``unload`` did."""
+
+    model: str
+    pid: int | None
+    seconds: float
+    #: the model was still loading; its load was cancelled
+    cancelled_load: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an explicit ``load`` with these options would do now (advisory: state may change)."""
+
+    model: str
+    action: Literal["noop", "load", "reload", "wait"]
+    options: ResolvedOptions
+    current: ResolvedOptions | None
+    diff: Mapping[str, tuple[Any, Any]]
+    #: spawn-to-healthy seconds of this model's last load (``None`` if never loaded)
+    last_load_seconds: float | None = None
+    #: for a reload: seconds its last stop took (``None`` if never stopped)
+    last_stop_seconds: float | None = None
+    #: the model's state when the plan was made
+    state: ModelState = ModelState.UNLOADED
+
+    @property
+    def estimate_seconds(self) -> float | None:
+        """A rough duration: the last load, plus for a reload the last stop (0.2 s if the model
+        was never stopped yet)."""
+        if self.last_load_seconds is None:
+            return None
+        if self.action != "reload":
+            return self.last_load_seconds
+        stop = self.last_stop_seconds if self.last_stop_seconds is not None else 0.2
+        return self.last_load_seconds + stop
+
+    def describe(self) -> str:
+        """One line, e.g. ``will reload gemma3-270m: ctx_size 4096 → 8192 — about 1.3 s
+        (last load 1.1 s + stop)``."""
+        if self.action == "noop":
+            return "no change (no-op)"
+        if self.action == "wait":
+            doing = "is stopping" if self.state is ModelState.STOPPING else "is loading"
+            return f"{self.model} {doing}; the load will wait for it, then decide"
+        estimate = ""
+        if self.last_load_seconds is not None:
+            stop = " + stop" if self.action == "reload" else ""
+            parts = f"last load {self.last_load_seconds:.1f} s{stop}"
+            assert self.estimate_seconds is not None
+            estimate = f" — about {self.estimate_seconds:.1f} s ({parts})"
+        if self.action == "load":
+            return f"will load {self.model}{estimate}"
+        assert self.current is not None
+        return f"will reload {self.model}: {self.current.describe_diff(self.options)}{estimate}"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A snapshot of one model, as ``status()`` reports it."""
+
+    name: str
+    kind: str
+    state: ModelState
+    backend: str | None
+    pid: int | None
+    url: str | None
+    options: ResolvedOptions | None
+    rss: int | None
+    pinned: bool
+    load_seconds: float | None
+    #: wall-clock time (``time.time()``) of the last load, request or no-op
+    last_used: float | None
+    requests_in_flight: int
+    last_error: str | None
+    log_tail: tuple[str, ...]
+    #: wall-clock time the model entered its current state (uptime when ready, elapsed when loading)
+    since: float | None = None
+    #: wall-clock time the idle timer will unload this ready, idle model (``None``: no timer runs)
+    idle_unload_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the router can load by name, as ``models()`` lists it."""
+
+    name: str
+    #: ``"builtin"``, ``"user"`` or ``"path"`` (a .gguf path the router has seen)
+    source: str
+    kind: str
+    #: the GGUF file, or why it cannot be used (a registration gone bad)
+    path: str
+    #: whether the file is on disk now (the built-in model is assembled on first load)
+    present: bool
+    state: ModelState = ModelState.UNLOADED
+    description: str = ""
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterEvent:
+    """A state change, as subscribers receive it (on the router's thread)."""
+
+    model: str
+    old: ModelState
+    new: ModelState
+    #: wall-clock time of the change
+    at: float
+    #: seconds the model spent in ``old``
+    seconds_in_old: float
+    detail: str = ""
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished completion or chat response."""
+
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Mapping[str, Any]
+    #: the backend's JSON response (the last chunk's, when streamed)
+    response: Mapping[str, Any]
+    load: LoadResult

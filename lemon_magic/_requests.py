@@ -1,0 +1,185 @@
+"""The one request path: admission leases, the response reader, and the error boundary.
+
+A request is admitted on the router's loop (auto-load + busy count, decided
+under the router's lock), then its HTTP exchange runs where the caller is: on
+the loop for the async API and for non-streamed facade calls, in the caller's
+own thread for a streamed facade call (tokens go straight from the backend's
+socket to the reader). Both faces share everything but the socket calls:
+
+* :class:`Lease`: what was admitted, and whether it ended (ending is idempotent);
+* :class:`ResponseReader`: status check, SSE parsing, ``[DONE]``, accumulation;
+* :func:`translate`: the one place where httpx, JSON and timeout errors become
+  :class:`~lemon_magic.errors.LemonError` (``MAPPINGS`` lists them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from lemon_magic._inference import DONE, Accumulator, http_error, parse_sse_line
+from lemon_magic._records import Completion, LoadResult
+from lemon_magic.backends._process import BackendProcess
+from lemon_magic.errors import BackendCrashed, InferenceError, LemonError, RequestTimeout
+
+__all__ = ("MAPPINGS", "TRANSLATED", "Lease", "ResponseReader", "StreamCut", "failure",
+           "failure_blocking", "timeouts", "translate")
+
+
+class StreamCut(Exception):
+    """A streamed response ended without ``[DONE]``."""
+
+
+#: the exceptions of the HTTP exchange that become LemonErrors (anything else is a bug)
+TRANSLATED: tuple[type[BaseException], ...] = (httpx.HTTPError, httpx.StreamError, ValueError,
+                                               TimeoutError, OSError, StreamCut)
+
+#: what each kind of failure becomes (checked in order; the backend having exited wins)
+MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("the backend process has exited", "BackendCrashed"),
+    ("httpx.TimeoutException, TimeoutError (deadline or idle gap)", "RequestTimeout"),
+    ("a non-200 answer", "InferenceError (HTTP status and the backend's message)"),
+    ("ValueError (invalid JSON, bad UTF-8)", "InferenceError (not valid JSON)"),
+    ("StreamCut (no [DONE])", "InferenceError (stream ended early)"),
+    ("httpx.HTTPError, httpx.StreamError, OSError", "InferenceError (request failed)"),
+)
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request admitted for a caller, possibly on another thread.
+
+    Loop-thread protocol (``AsyncRouter._admit`` / ``AsyncRouter._end_lease``):
+    ``_admit`` fills ``load`` and ``process`` once the model is ready and the
+    request counted; ``_end_lease`` releases it exactly once, and if it runs
+    before ``_admit`` finishes (Stop landed in between), ``_admit`` releases the
+    model itself. Other threads only read ``load`` (for messages).
+    """
+
+    load: LoadResult | None = None
+    process: BackendProcess | None = None
+    ended: bool = False
+    #: the request completed normally (the model is not crash-looping)
+    served: bool = False
+
+
+def timeouts(seconds: float) -> httpx.Timeout:
+    """httpx's per-operation timeouts for one request: ``seconds`` for each read and write."""
+    return httpx.Timeout(seconds, connect=5.0)
+
+
+class ResponseReader:
+    """Reads one backend response, whole or streamed; knows nothing of sockets or threads."""
+
+    def __init__(self, model: str, path: str, *, stream: bool) -> None:
+        self.model = model
+        self.stream = stream
+        self.done = False
+        self._acc = Accumulator("chat" in path)
+
+    def check_status(self, status: int, body: bytes) -> None:
+        """:raises InferenceError: a non-200 answer, with the backend's own message."""
+        if status != 200:
+            raise http_error(self.model, status, body.decode("utf-8", "replace"))
+
+    def feed_body(self, body: bytes) -> None:
+        """Take a whole (non-streamed) JSON response."""
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        self._acc.add_body(data)
+        self.done = True
+
+    def feed_line(self, line: str) -> str | None:
+        """Take one line of an event stream; returns its text, if any (``done`` after
+        ``[DONE]``)."""
+        event = parse_sse_line(line)
+        if event is DONE:
+            self.done = True
+            return None
+        if isinstance(event, dict):
+            return self._acc.add_event(event)
+        return None
+
+    def finish(self) -> None:
+        """:raises StreamCut: the stream ended without ``[DONE]``."""
+        if not self.done:
+            raise StreamCut("the stream ended without [DONE]")
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._acc.finish
+
+    def completion(self, load: LoadResult) -> Completion:
+        """The whole response, once read."""
+        acc = self._acc
+        return Completion(self.model, acc.text, acc.finish, acc.usage, acc.last, load)
+
+
+def translate(exc: BaseException, model: str, *, returncode: int | None = None,
+              log_tail: tuple[str, ...] = (), timeout: str = "") -> LemonError:
+    """The error boundary: what a failure of the HTTP exchange becomes (see ``MAPPINGS``).
+
+    :param returncode: the backend's exit code if it has exited (it then explains the failure).
+    :param timeout: which limit a timeout ran into, e.g. ``"120 s (stream_idle_timeout)"``.
+    """
+    if isinstance(exc, LemonError):
+        return exc
+    if returncode is not None:
+        return BackendCrashed(model, returncode, log_tail)
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return RequestTimeout(f"backend of {model!r} gave no answer within {timeout or 'the limit'}",
+                              model=model)
+    if isinstance(exc, StreamCut):
+        return InferenceError(f"backend of {model!r} ended its stream early (no [DONE])",
+                              model=model)
+    if isinstance(exc, ValueError):
+        return InferenceError(f"backend of {model!r} sent an answer that is not valid JSON: {exc}",
+                              model=model)
+    return InferenceError(f"request to the backend of {model!r} failed: "
+                          f"{type(exc).__name__}: {exc or 'no detail'}", model=model)
+
+
+def _may_mean_exit(exc: BaseException) -> bool:
+    return isinstance(exc, (httpx.TransportError, StreamCut, OSError)) and \
+        not isinstance(exc, httpx.TimeoutException)
+
+
+async def failure(exc: BaseException, lease: Lease, timeout: str = "") -> LemonError:
+    """:func:`translate`, after waiting (≤ 1 s, on the loop) to see whether a broken
+    connection means the backend died."""
+    process = lease.process
+    assert lease.load is not None and process is not None
+    if _may_mean_exit(exc):
+        with anyio.move_on_after(1.0):
+            await process.wait_exit()
+    return _translated(exc, lease, timeout)
+
+
+def failure_blocking(exc: BaseException, lease: Lease, timeout: str = "") -> LemonError:
+    """:func:`failure` for a caller's own thread."""
+    process = lease.process
+    assert lease.load is not None and process is not None
+    if _may_mean_exit(exc):
+        deadline = time.monotonic() + 1.0
+        while process.returncode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _translated(exc, lease, timeout)
+
+
+def _translated(exc: BaseException, lease: Lease, timeout: str) -> LemonError:
+    assert lease.load is not None and lease.process is not None
+    code = lease.process.returncode
+    tail = tuple(lease.process.log_tail()) if code is not None else ()
+    return translate(exc, lease.load.model, returncode=code, log_tail=tail, timeout=timeout)
+
+
+def payload_for(payload: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+    """The JSON body sent to the backend."""
+    return {**payload, "stream": stream}
