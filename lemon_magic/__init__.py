@@ -85,7 +85,8 @@ def load_ipython_extension(ipython: Any) -> None:
     import os
     from pathlib import Path
 
-    from lemon_magic.magics import LemonMagics, apply_pyproject, install_completers
+    from lemon_magic._completion import install_completers
+    from lemon_magic.magics import LemonMagics, apply_pyproject
 
     _forget_magics(ipython)
     magics = LemonMagics(shell=ipython)  # Magics() adds itself to the shell's configurables
@@ -106,7 +107,8 @@ def unload_ipython_extension(ipython: Any) -> None:
     They live in ``lemon_magic.runtime``, so ``%reload_ext lemon_magic`` keeps
     them too. ``%lemon_unload --all`` stops them; so does the kernel's exit.
     """
-    from lemon_magic.magics import MAGIC_NAMES, remove_completers
+    from lemon_magic._completion import remove_completers
+    from lemon_magic.magics import MAGIC_NAMES
 
     remove_completers(ipython)
     manager = ipython.magics_manager

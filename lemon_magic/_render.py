@@ -5,9 +5,9 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from lemon_magic._records import ModelEntry, ModelStatus
+from lemon_magic._records import LoadResult, ModelEntry, ModelStatus
 
-__all__ = ("ModelsTable", "StatusTable")
+__all__ = ("ModelsTable", "StatusTable", "describe_load", "load_note", "seconds")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -74,3 +74,30 @@ class ModelsTable:
 
     def _repr_html_(self) -> str:
         return _html(self.headers, self.rows_)
+
+
+def seconds(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s:.1f} s"
+
+
+def describe_load(r: LoadResult) -> str:
+    """One line for what a load did, as ``%lemon_load`` prints it."""
+    if r.action == "noop":
+        return f"already loaded with these options (no-op, {seconds(r.seconds)})"
+    where = f"{r.backend}, pid {r.pid}, ctx {r.options.ctx_size}"
+    joined = "; joined a load already in flight" if r.joined else ""
+    if r.action == "reloaded" and r.previous_options is not None:
+        return (f"reloaded {r.model}: {r.previous_options.describe_diff(r.options)} "
+                f"({seconds(r.seconds)}; {where}{joined})")
+    return f"loaded {r.model} in {seconds(r.seconds)} ({where}{joined})"
+
+
+def load_note(r: LoadResult) -> str | None:
+    """What an inference cell says about the load it triggered, if anything."""
+    if r.options_differ:
+        diff = ", ".join(f"{k} {loaded} (asked {asked})" for k, (loaded, asked) in r.options_differ.items())
+        return (f"note: {r.model} is loaded with {diff}; using it as it is "
+                f"(%lemon_load to reload)")
+    if r.action == "loaded":
+        return f"auto-loaded {r.model} in {seconds(r.seconds)} ({r.backend}, pid {r.pid})"
+    return None

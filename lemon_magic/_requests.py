@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 
-from lemon_magic._inference import DONE, Accumulator, http_error, parse_sse_line
-from lemon_magic._records import Completion, LoadResult
+from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
+from lemon_magic._records import Chunk, Completion, LoadResult
 from lemon_magic.backends._process import BackendProcess
-from lemon_magic.errors import BackendCrashed, InferenceError, LemonError, RequestTimeout
+from lemon_magic.errors import BackendCrashed, InferenceError, LemonError, LoadCancelled, RequestTimeout
+from lemon_magic.options import LoadOptions
 
-__all__ = ("MAPPINGS", "TRANSLATED", "Lease", "ResponseReader", "StreamCut", "failure",
-           "failure_blocking", "timeouts", "translate")
+if TYPE_CHECKING:
+    from lemon_magic.router import AsyncRouter
+
+__all__ = ("MAPPINGS", "TRANSLATED", "Lease", "ResponseReader", "StreamCut", "admit", "end_lease",
+           "failure", "failure_blocking", "request", "stream", "timeouts", "translate")
 
 
 class StreamCut(Exception):
@@ -180,6 +184,79 @@ def _translated(exc: BaseException, lease: Lease, timeout: str) -> LemonError:
     return translate(exc, lease.load.model, returncode=code, log_tail=tail, timeout=timeout)
 
 
-def payload_for(payload: Mapping[str, Any], stream: bool) -> dict[str, Any]:
-    """The JSON body sent to the backend."""
-    return {**payload, "stream": stream}
+async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | None,
+            lease: Lease) -> LoadResult:
+    """Auto-load ``model`` (never reloading it) and count a request in flight on it, under
+    the router's lock; loop thread only. Pair it with :func:`end_lease`."""
+    load = await router.ensure_loaded(model, load_options, explicit=False, _acquire=True)
+    m = router._models[load.model]
+    lease.load, lease.process = load, m.process
+    if lease.ended:  # the caller gave up (Stop) while this was still loading
+        m.release(served=False)
+        raise LoadCancelled(f"the request for {model!r} was abandoned", model=model)
+    return load
+
+
+def end_lease(router: AsyncRouter, lease: Lease) -> None:
+    """End a request admitted with :func:`admit`; loop thread only, idempotent, safe before
+    the admission finished (it then releases the model itself)."""
+    if lease.ended:
+        return
+    lease.ended = True
+    if lease.load is not None:
+        router._models[lease.load.model].release(served=lease.served)
+
+
+async def request(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
+                  load_options: LoadOptions | None, lease: Lease | None) -> Completion:
+    """The async face of a non-streamed request (on the router's loop)."""
+    check_payload(payload)
+    lease = lease or Lease()
+    try:
+        load = await admit(router, model, load_options, lease)
+        assert lease.process is not None
+        reader = ResponseReader(load.model, path, stream=False)
+        limit = router.config.request_timeout
+        try:
+            with anyio.fail_after(limit):
+                response = await lease.process.client.post(
+                    lease.process.url + path, json={**payload, "stream": False},
+                    timeout=timeouts(limit))
+                reader.check_status(response.status_code, response.content)
+                reader.feed_body(response.content)
+        except TRANSLATED as exc:
+            raise await failure(exc, lease, f"{limit:g} s (request_timeout)") from exc
+        lease.served = True
+        return reader.completion(load)
+    finally:
+        end_lease(router, lease)
+
+
+async def stream(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
+                 load_options: LoadOptions | None) -> AsyncIterator[Chunk]:
+    """The async face of a streamed request (on the router's loop)."""
+    check_payload(payload)
+    lease = Lease()
+    try:
+        load = await admit(router, model, load_options, lease)
+        assert lease.process is not None
+        reader = ResponseReader(load.model, path, stream=True)
+        limit = router.config.stream_idle_timeout
+        try:
+            async with lease.process.client.stream(
+                    "POST", lease.process.url + path, json={**payload, "stream": True},
+                    timeout=timeouts(limit)) as response:
+                if response.status_code != 200:
+                    reader.check_status(response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    text = reader.feed_line(line)
+                    if reader.done:
+                        break
+                    if text:
+                        yield Chunk(text, reader.finish_reason)
+                reader.finish()
+        except TRANSLATED as exc:
+            raise await failure(exc, lease, f"{limit:g} s (stream_idle_timeout)") from exc
+        lease.served = True
+    finally:
+        end_lease(router, lease)

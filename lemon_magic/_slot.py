@@ -240,6 +240,13 @@ class Slot:
             if self.process is process:
                 self.process = None
 
+    async def watch_crash(self, process: BackendProcess, scope: anyio.CancelScope) -> None:
+        """Mark the model crashed the moment its ready process exits on its own (pidfd)."""
+        with scope:
+            code = await process.wait_exit()
+            if self.process is process and self.state is ModelState.READY:
+                await self.crashed(process, code)
+
     async def crashed(self, process: BackendProcess, code: int) -> None:
         """The ready process exited on its own: mark the model crashed, then clean up after
         it (its group's leftovers, its client, its pid record)."""

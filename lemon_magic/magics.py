@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from traitlets import Bool, Float, Int, Unicode, observe
 
 from lemon_magic import _render, errors
 from lemon_magic._policy import ModelState
-from lemon_magic._records import Completion, LoadResult
+from lemon_magic._records import Completion
+from lemon_magic._render import describe_load, load_note, seconds
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import DEFAULT_MODEL
@@ -74,33 +75,6 @@ def _no_abbrev(func: Callable[..., Any]) -> Callable[..., Any]:
     """Refuse argparse prefix matches (``--ctx`` for ``--ctx-size``): they hide typos."""
     func.parser.allow_abbrev = False  # type: ignore[attr-defined]
     return func
-
-
-def _seconds(s: float) -> str:
-    return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s:.1f} s"
-
-
-def describe_load(r: LoadResult) -> str:
-    """One line for what a load did, as ``%lemon_load`` prints it."""
-    if r.action == "noop":
-        return f"already loaded with these options (no-op, {_seconds(r.seconds)})"
-    where = f"{r.backend}, pid {r.pid}, ctx {r.options.ctx_size}"
-    joined = "; joined a load already in flight" if r.joined else ""
-    if r.action == "reloaded" and r.previous_options is not None:
-        return (f"reloaded {r.model}: {r.previous_options.describe_diff(r.options)} "
-                f"({_seconds(r.seconds)}; {where}{joined})")
-    return f"loaded {r.model} in {_seconds(r.seconds)} ({where}{joined})"
-
-
-def _load_note(r: LoadResult) -> str | None:
-    """What an inference cell says about the load it triggered, if anything."""
-    if r.options_differ:
-        diff = ", ".join(f"{k} {loaded} (asked {asked})" for k, (loaded, asked) in r.options_differ.items())
-        return (f"note: {r.model} is loaded with {diff}; using it as it is "
-                f"(%lemon_load to reload)")
-    if r.action == "loaded":
-        return f"auto-loaded {r.model} in {_seconds(r.seconds)} ({r.backend}, pid {r.pid})"
-    return None
 
 
 @magics_class
@@ -288,7 +262,7 @@ class LemonMagics(Magics):
             completion: Completion = call(stream=False, **sampling)
         except errors.Interrupted as exc:
             raise _interrupted(exc) from None
-        note = _load_note(completion.load)
+        note = load_note(completion.load)
         if note:
             print(note)
         print(completion.text)
@@ -300,7 +274,7 @@ class LemonMagics(Magics):
         with stream:
             try:
                 load = stream.wait_loaded()
-                note = load and _load_note(load)
+                note = load and load_note(load)
                 if note:
                     print(note)
                 for chunk in stream:
@@ -364,7 +338,7 @@ class LemonMagics(Magics):
         for r in results:
             what = "cancelled the load of" if r.cancelled_load else "unloaded"
             pid = f" (pid {r.pid})" if r.pid else ""
-            print(f"{what} {r.model}{pid} in {_seconds(r.seconds)}")
+            print(f"{what} {r.model}{pid} in {seconds(r.seconds)}")
 
     # ----------------------------------------------------------------- read-only magics
 
@@ -472,7 +446,6 @@ class LemonMagics(Magics):
 
 MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
                "lemon_logs", "lemon_register", "lemon_unregister", "lemon_panel")
-_COMPLETED = ("lemon_load", "lemon_unload", "lemon_logs", "lemon_infer", "lemon_unregister")
 _panel: Any = None  # the kernel's panel (one per kernel)
 
 
@@ -500,32 +473,3 @@ def apply_pyproject(magics: LemonMagics, directory: Path) -> list[str]:
         setattr(magics, name, value)
         applied.append(f"{name}={value!r}")
     return applied
-
-
-def install_completers(shell: Any, magics: LemonMagics) -> None:
-    """Tab-complete model names after the magics that take one (replacing earlier ones)."""
-
-    def complete(_self: Any, event: Any) -> Iterable[str]:
-        return magics.complete_model_names(event.symbol)
-
-    complete.lemon_magic = True  # type: ignore[attr-defined]
-    remove_completers(shell)
-    for name in _COMPLETED:
-        for prefix in ("%", "%%"):
-            shell.set_hook("complete_command", complete, str_key=f"{prefix}{name}")
-
-
-def remove_completers(shell: Any) -> None:
-    """Drop the completers :func:`install_completers` added (``%unload_ext``)."""
-    dispatcher = getattr(shell, "strdispatchers", {}).get("complete_command")
-    if dispatcher is None:
-        return
-    for name in _COMPLETED:
-        for prefix in ("%", "%%"):
-            chain = dispatcher.strs.get(f"{prefix}{name}")
-            if chain is None:
-                continue
-            chain.chain = [(p, f) for p, f in chain.chain
-                           if not getattr(getattr(f, "__func__", f), "lemon_magic", False)]
-            if not chain.chain:
-                del dispatcher.strs[f"{prefix}{name}"]

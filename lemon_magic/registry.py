@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lemon_magic._gguf import GGUFInfo, read_gguf_info
 from lemon_magic._paths import cache_dir, config_dir
-from lemon_magic.errors import InvalidModelFile, InvalidOptions, ModelNotFound
+from lemon_magic._policy import ModelState
+from lemon_magic._records import ModelEntry
+from lemon_magic.errors import InvalidModelFile, InvalidOptions, LemonError, ModelNotFound
 from lemon_magic.options import LoadOptions
 
 __all__ = ("DEFAULT_MODEL", "MODEL_KINDS", "ModelSpec", "Registry")
@@ -138,6 +141,10 @@ class Registry:
         """Built-in and registered names, sorted."""
         return sorted({DEFAULT_MODEL, *self._load_user()})
 
+    def user_names(self) -> list[str]:
+        """The user registrations' names, sorted."""
+        return sorted(self._load_user())
+
     def generation(self) -> tuple[int, int, int]:
         """Changes whenever the registrations file does (one ``stat``): caches key on it."""
         try:
@@ -157,6 +164,26 @@ class Registry:
                              LoadOptions(chat_template="gemma"), "builtin",
                              "Gemma 3 270M base model, Q4_K_M (embedded in a PyPI package)")
         return self._lookup(name)
+
+    def entries(self, known: Mapping[str, tuple[ModelSpec, ModelState]]) -> list[ModelEntry]:
+        """Built-in and registered models, then the other ``known`` ones (name → spec, state),
+        without reading or assembling any model file; a malformed registration is listed with
+        its problem."""
+        out = []
+        for name in self.names():
+            state = known[name][1] if name in known else ModelState.UNLOADED
+            try:
+                spec = self.lookup(name)
+            except LemonError as exc:
+                out.append(ModelEntry(name, "user", "?", str(self.path), False, state,
+                                      problem=exc.message))
+                continue
+            out.append(ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(),
+                                  state, spec.description))
+        listed = {e.name for e in out}
+        out += [ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(), state)
+                for name, (spec, state) in known.items() if name not in listed]
+        return out
 
     def resolve(self, name: str) -> ModelSpec:
         """The spec for ``name``: a built-in, a registered name, or a path to a ``.gguf`` file.
