@@ -22,7 +22,7 @@ from lemon_magic import (
     RouterConfig,
 )
 from lemon_magic.backends import LlamaServer
-from tests.conftest import _our_backends
+from tests.conftest import _our_backends, alive
 from tests.fakes import FakeBackend
 
 pytestmark = pytest.mark.real
@@ -181,6 +181,57 @@ def test_port_taken_is_retried(make_router: Callable[..., Router], tiny_model: s
     assert router.spawn_count == 2
 
 
-def test_errors_leave_no_process(router: Router) -> None:
-    assert not _our_backends()
-    assert os.environ["LEMON_MAGIC_STATE_DIR"]
+def _pid_records() -> set[int]:
+    """The pids that have a record in the state dir (what a later router would reap)."""
+    return {int(p.stem) for p in (Path(os.environ["LEMON_MAGIC_STATE_DIR"]) / "backends").glob("*.json")}
+
+
+# (id, load arguments, error, message fragment, processes the failed load starts)
+FAILING_LOADS = [
+    ("backend-exits", {"backend": "fake-exit"}, BackendExited, r"exited during start \(exit code 3\)", 1),
+    ("never-healthy", {"backend": "fake-hang"}, HealthCheckTimeout,
+     "did not become healthy within 1 s", 1),
+    ("backend-refuses-its-arguments", {"backend": "llama-server", "extra_args": "--rope-scaling bogus"},
+     BackendExited, "exited during start", 1),
+    ("truncated-tensors", {"backend": "llama-server", "model": "tensor_cut"}, BackendExited,
+     "exited during start", 1),
+    ("binary-missing", {"backend": "missing"}, BackendUnavailable, "not found", 0),
+    ("reserved-flag", {"extra_args": "--port 1"}, InvalidOptions, "may not set --port", 0),
+    ("missing-file", {"model": "missing"}, InvalidModelFile, "does not exist", 0),
+    ("unknown-model", {"model": "no-such-model"}, ModelNotFound, "unknown model 'no-such-model'", 0),
+]
+
+
+@pytest.mark.parametrize(("args", "error", "match", "spawns"), [case[1:] for case in FAILING_LOADS],
+                         ids=[case[0] for case in FAILING_LOADS])
+def test_errors_leave_no_process(make_router: Callable[..., Router], tiny_model: str, tiny_model_b: str,
+                                 files: dict[str, str], tmp_path: Path, args: dict[str, str],
+                                 error: type[LemonError], match: str, spawns: int) -> None:
+    """A failed load of another model leaves no process, no pid record, and the loaded model as
+    it was (the same process, still serving)."""
+    from lemon_magic.backends import default_backends
+
+    router = make_router(RouterConfig(start_timeout=60, stop_grace=0.5), backends={
+        **default_backends(), "fake-exit": FakeBackend(exit_at_start=3),
+        "fake-hang": FakeBackend(gate=tmp_path / "never", ignore_term=True),
+        "missing": LlamaServer(tmp_path / "nope")})
+    kept = router.load(tiny_model, ctx_size=256, backend="llama-server")
+    router.configure(start_timeout=1.0)
+    before = _snapshot(router)
+    processes, records, spawned = {p.pid for p in _our_backends()}, _pid_records(), router.spawn_count
+    assert kept.pid in processes and kept.pid in records  # what "unchanged" is measured against
+
+    args = dict(args)
+    name = args.pop("model", None)
+    model = files.get(name, name) if name else tiny_model_b
+    with pytest.raises(error, match=match) as info:
+        router.load(model, **args)
+    assert "\n" not in info.value.message
+
+    assert router.spawn_count == spawned + spawns, "the error must come from the step it names"
+    assert {p.pid for p in _our_backends()} == processes, "a process was left behind (or killed)"
+    assert _pid_records() == records, "a pid record was left behind (or dropped)"
+    assert [s for s in _snapshot(router) if s[0] != model] == before
+    assert [s[1:] for s in _snapshot(router) if s[0] == model] in ([], [("failed", None)])
+    assert alive(kept.pid)
+    assert router.complete(tiny_model, "the", max_tokens=1).load.pid == kept.pid

@@ -81,7 +81,10 @@ CASES = [
     Case("extra $()", lambda r, f: r.load(f["tiny"], extra_args="$(reboot)"),
          '%lemon_load {tiny} --extra-args="$(reboot)"', InvalidOptions, "shell syntax"),
     Case("extra newline", lambda r, f: r.load(f["tiny"], extra_args="--a\n--b"),
-         '%lemon_load {tiny} --extra-args="--a\\n--b"', InvalidOptions, ""),
+         '%lemon_load {tiny} --extra-args="--a\\n--b"', InvalidOptions,
+         "extra_args must not contain line breaks",
+         # a line magic cannot carry a line break: the typed backslash is refused instead
+         magic_text="contains shell syntax '\\\\'"),
     Case("binary missing", lambda r, f: r.load(f["tiny"], backend="llama-server"),
          "%lemon_load {tiny} --backend llama-server", BackendUnavailable, "llama-server not found"),
     Case("binary not executable", lambda r, f: r.load(f["tiny"], backend="llama-server"),
@@ -113,6 +116,13 @@ CASES = [
          ModelNotLoaded, "is not loaded"),
 ]
 assert len(CASES) >= 25
+
+
+def test_every_case_expects_a_message() -> None:
+    """An empty fragment is in every message: such a case could never fail."""
+    for case in CASES:
+        assert case.text.strip(), case.name
+        assert case.magic_text is None or case.magic_text.strip(), case.name
 
 
 @pytest.fixture(scope="module")

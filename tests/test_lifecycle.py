@@ -108,23 +108,28 @@ def test_memory_admission_evicts_the_least_recently_used(make_router: Callable[.
                                                          tiny_model: str, tiny_model_b: str,
                                                          tiny_model_c: str) -> None:
     probe = make_router(RouterConfig(max_loaded={"llm": 3}))
-    a, b = probe.load(tiny_model, ctx_size=256), probe.load(tiny_model_b, ctx_size=256)
+    probed = probe.load(tiny_model, ctx_size=256)
+    probe.load(tiny_model_b, ctx_size=256)
     rss = {s.name: s.rss or 0 for s in probe.status()}
     spec_c = probe.async_router.registry.resolve(tiny_model_c)
-    need_c = AsyncRouter.memory_needed(spec_c, a.options)
+    need_c = AsyncRouter.memory_needed(spec_c, probed.options)
     probe.close()
 
     # room for two backends and c's estimate, less half of b: c fits only if b goes
     limit = rss[tiny_model] + rss[tiny_model_b] + need_c - rss[tiny_model_b] // 2
     router = make_router(RouterConfig(max_loaded={"llm": 3}, memory_limit=limit))
-    router.load(tiny_model, ctx_size=256)
-    router.load(tiny_model_b, ctx_size=256)
+    a = router.load(tiny_model, ctx_size=256)
+    b = router.load(tiny_model_b, ctx_size=256)
+    assert alive(a.pid) and alive(b.pid) and a.pid != b.pid  # both run now, in this router
     router.complete(tiny_model, "the", max_tokens=1)  # b becomes the least recently used
-    router.load(tiny_model_c, ctx_size=256)
-    states = {s.name: s.state for s in router.status()}
-    assert states[tiny_model_b] is ModelState.UNLOADED
-    assert states[tiny_model] is ModelState.READY and states[tiny_model_c] is ModelState.READY
-    assert b.pid != a.pid
+    c = router.load(tiny_model_c, ctx_size=256)
+    status = {s.name: (s.state, s.pid) for s in router.status()}
+    assert status[tiny_model_b] == (ModelState.UNLOADED, None)
+    assert not alive(b.pid), "the evicted model's process must be gone, not just marked"
+    # a was kept, as the same process (not restarted); c runs as a new one
+    assert status[tiny_model] == (ModelState.READY, a.pid) and alive(a.pid)
+    assert status[tiny_model_c] == (ModelState.READY, c.pid) and alive(c.pid)
+    assert c.pid not in (a.pid, b.pid)
 
 
 def test_interrupted_load_stops_waiting_and_the_load_goes_on(make_router: Callable[..., Router],

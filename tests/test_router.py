@@ -158,25 +158,43 @@ def test_inference_on_a_loaded_model_proceeds_while_another_loads(
         assert slow.result(30).action == "loaded"
 
 
+def _pid_of_the_load(router: Router, events: EventLog, model: str, timeout: float = 10) -> int:
+    """Wait until ``model``'s load has a process; return its pid.
+
+    The router announces the load (a LOADING event) but not the spawn that follows it,
+    so after the event this waits, bounded, for ``status()`` to show the pid.
+    """
+    events.wait_for(lambda e: e.model == model and e.new is ModelState.LOADING)
+    deadline = time.monotonic() + timeout
+    while True:
+        [s] = [s for s in router.status() if s.name == model]
+        assert s.state is ModelState.LOADING, f"the load ended before it had a process: {s}"
+        if s.pid is not None:
+            return s.pid
+        assert time.monotonic() < deadline, f"no process for {model} within {timeout} s"
+        time.sleep(0.005)
+
+
 def test_unload_during_load_cancels_it(make_router: Callable[..., Router], tiny_model: str,
                                        tmp_path: Path, events: EventLog) -> None:
-    backends = {"fake": FakeBackend(gate=tmp_path / "never")}
+    backends = {"fake": FakeBackend(gate=tmp_path / "never")}  # held unhealthy: LOADING for ever
     router = make_router(backends=backends)
     router.subscribe(events)
+    records = Path(os.environ["LEMON_MAGIC_STATE_DIR"]) / "backends"
     with ThreadPoolExecutor(2) as pool:
         loads = [pool.submit(router.load, tiny_model, backend="fake") for _ in range(2)]
-        started = events.wait_for(lambda e: e.new is ModelState.LOADING)
-        time.sleep(0.2)  # let the process start, so there is something half-started to kill
-        pid = next(s.pid for s in router.status())
+        pid = _pid_of_the_load(router, events, tiny_model)
+        assert alive(pid) and (records / f"{pid}.json").exists()  # a half-started process to kill
         result = router.unload(tiny_model)
-        assert result.cancelled_load
+        assert result.cancelled_load and result.pid == pid
         for f in loads:
             with pytest.raises(LoadCancelled, match="unloaded while loading"):
                 f.result(10)
-    assert started.model == tiny_model
-    assert not alive(pid)
-    assert _state(router, tiny_model) is ModelState.UNLOADED
-    assert router.status()[0].pid is None
+    assert not alive(pid), "the half-started process must be killed"
+    assert not (records / f"{pid}.json").exists()
+    [s] = router.status()
+    assert (s.state, s.pid) == (ModelState.UNLOADED, None)
+    assert router.spawn_count == 1
 
 
 def test_unload_during_a_real_load(router: Router, events: EventLog) -> None:
