@@ -457,7 +457,10 @@ def apply_pyproject(magics: LemonMagics, directory: Path) -> list[str]:
     path = directory / "pyproject.toml"
     if not path.is_file():
         return []
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # tomllib is 3.11+; tomli is the same parser (a dependency on 3.10 only)
+        import tomli as tomllib
 
     try:
         table = tomllib.loads(path.read_text()).get("tool", {}).get("lemon_magic", {})
