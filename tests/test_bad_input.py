@@ -171,7 +171,7 @@ def test_port_taken_is_retried(make_router: Callable[..., Router], tiny_model: s
     taken = blocker.getsockname()[1]
     ports = iter([taken])
     real = _process.free_port
-    monkeypatch.setattr("lemon_magic.router.free_port", lambda: next(ports, None) or real())
+    monkeypatch.setattr("lemon_magic._slot.free_port", lambda: next(ports, None) or real())
     router = make_router()
     try:
         r = router.load(tiny_model, ctx_size=256, backend="llama-server")

@@ -261,5 +261,5 @@ def test_every_magic_has_help_with_usage(ip: InteractiveShell) -> None:
         assert doc and "In [1]:" in doc, name
         if name not in {"lemon_status", "lemon_models", "lemon_panel"}:
             usage = doc.split("\n\n", 2)[1]  # magic_arguments puts the argparse usage first
-            assert usage.strip().startswith(f"%{name} ["), (name, usage)
+            assert usage.strip().startswith(f"%{name} "), (name, usage)
             assert ip.magics_manager.magics[kind][name].__func__.parser.allow_abbrev is False

@@ -334,22 +334,23 @@ def test_a_lease_ended_before_its_acquire_finishes_releases_the_model(tiny_model
     import anyio
 
     from lemon_magic import AsyncRouter, LoadCancelled, LoadOptions
-    from lemon_magic.router import Lease
+    from lemon_magic._requests import Lease
 
     async def main() -> list[int]:
         busy = []
         async with AsyncRouter(RouterConfig(start_timeout=60)) as r:
             opts = LoadOptions(ctx_size=256)
             lease = Lease()
-            await r.acquire(tiny_model, opts, lease=lease)
+            await r._admit(tiny_model, opts, lease)
             busy.append(r.status()[0].requests_in_flight)
-            r.end_lease(lease, served=True)
-            r.end_lease(lease, served=True)  # idempotent
+            lease.served = True
+            r._end_lease(lease)
+            r._end_lease(lease)  # idempotent
             busy.append(r.status()[0].requests_in_flight)
             abandoned = Lease()
-            r.end_lease(abandoned, served=False)  # the caller gave up first
+            r._end_lease(abandoned)  # the caller gave up first
             with pytest.raises(LoadCancelled, match="abandoned"):
-                await r.acquire(tiny_model, opts, lease=abandoned)
+                await r._admit(tiny_model, opts, abandoned)
             busy.append(r.status()[0].requests_in_flight)
         return busy
 

@@ -119,6 +119,7 @@ def test_generating_chip_while_a_request_streams(panel_for: Callable[..., tuple[
     router, panel = panel_for(backends={"fake": FakeBackend()})
     router.load(tiny_model, backend="fake")
     stream = router.complete(tiny_model, "hi", stream=True)
+    stream.wait_loaded()  # a stream starts on first use
     panel.wait_until(lambda p: _state(p, tiny_model) == "generating", timeout=10)
     assert "".join(stream) == "fake text from the stand-in"
     panel.wait_until(lambda p: _state(p, tiny_model) == "ready", timeout=10)
