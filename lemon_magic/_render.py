@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Sequence
 
 from lemon_magic._records import LoadResult, ModelEntry, ModelStatus
@@ -36,6 +37,14 @@ def _options(s: ModelStatus) -> str:
     return ", ".join(parts)
 
 
+def _idle_note(s: ModelStatus) -> str:
+    """``" (unloads if idle in 4 min 10 s)"`` while the idle timer runs, else nothing."""
+    if s.idle_unload_at is None:
+        return ""
+    left = max(0, round(s.idle_unload_at - time.time()))
+    return f" (unloads if idle in {f'{left // 60} min {left % 60} s' if left >= 60 else f'{left} s'})"
+
+
 class StatusTable:
     """What ``%lemon_status`` shows: one row per model the router knows."""
 
@@ -45,7 +54,7 @@ class StatusTable:
         self.statuses = list(statuses)
 
     def rows(self) -> list[list[str]]:
-        return [[s.name, str(s.state) + (" (pinned)" if s.pinned else ""), s.backend or "",
+        return [[s.name, str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s), s.backend or "",
                  str(s.pid or ""), _options(s), f"{s.rss / 2**20:.0f} MiB" if s.rss else "",
                  f"{s.load_seconds:.2f} s" if s.load_seconds else "",
                  (s.last_error or "").splitlines()[0] if s.last_error else ""]

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from lemon_magic import ModelState, Router, RouterConfig
+from lemon_magic._render import StatusTable
 from tests.conftest import EventLog, alive
 from tests.fakes import FakeBackend
 
@@ -28,6 +29,8 @@ def test_an_idle_model_is_unloaded_and_a_pinned_one_is_not(make_router: Callable
     assert rows[tiny_model].idle_unload_at is None  # pinned: exempt
     unload_at = rows[tiny_model_b].idle_unload_at
     assert unload_at is not None and time.time() < unload_at <= time.time() + 0.6
+    table = repr(StatusTable(router.status()))  # what %lemon_status shows
+    assert "ready (pinned)  " in table and "ready (unloads if idle in 0 s)" in table
     event = events.wait_for(lambda e: e.model == tiny_model_b and e.new is ModelState.UNLOADED)
     assert "idle for 0.5 s" in next(e.detail for e in events.events
                                     if e.model == tiny_model_b and e.new is ModelState.STOPPING)
