@@ -191,8 +191,7 @@ class LemonMagics(Magics):
                 print(plan.describe() + " …", flush=True)  # said before the old process goes
             result = self.router.load(model, pin=pin, **options)
         except KeyboardInterrupt:
-            raise Interrupted(f"stopped waiting; the load of {model} goes on in the background "
-                              f"(%lemon_unload {model} stops it)") from None
+            raise _interrupted(errors.Interrupted(model, "load")) from None
         print(describe_load(result))
 
     # ----------------------------------------------------------------- %%lemon_infer
@@ -263,9 +262,12 @@ class LemonMagics(Magics):
         except errors.Interrupted as exc:
             raise _interrupted(exc) from None
         note = load_note(completion.load)
-        if note:
-            print(note)
-        print(completion.text)
+        try:
+            if note:
+                print(note)
+            print(completion.text)
+        except KeyboardInterrupt:  # Stop while printing: the answer had come in whole
+            raise Interrupted("output stopped; the text above is partial") from None
         return completion
 
     def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion | None:
@@ -280,7 +282,10 @@ class LemonMagics(Magics):
                 for chunk in stream:
                     out.write(chunk)
                     out.flush()
-            except errors.Interrupted as exc:
+            except KeyboardInterrupt as exc:  # from the stream, or Stop while printing
+                if not isinstance(exc, errors.Interrupted):
+                    exc = errors.Interrupted(stream.load.model if stream.load else "the model",
+                                             "stream" if stream.load else "load")
                 if exc.phase != "load":
                     out.write("\n")
                 raise _interrupted(exc) from None

@@ -217,8 +217,8 @@ def test_stop_during_a_load(ip: InteractiveShell, router: Router, tiny_model: st
     _press_stop_when(events, lambda e: e.new is ModelState.LOADING)
     err = run(ip, f"%lemon_load {tiny_model} --backend fake")
     assert isinstance(err, Interrupted)
-    assert "interrupted: stopped waiting; the load of" in capsys.readouterr().err + str(
-        err._render_traceback_())
+    shown = capsys.readouterr().err + str(err._render_traceback_())
+    assert f"interrupted: stopped waiting for {tiny_model} to load; the load goes on" in shown
     gate.touch()  # the lock is free, the load went on: the next cell joins or no-ops
     assert run(ip, f"%lemon_load {tiny_model} --backend fake") is None
     assert router.spawn_count == 1

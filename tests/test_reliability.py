@@ -26,6 +26,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 from lemon_magic import (
+    BackendCrashed,
     BackendExited,
     LemonError,
     LoadError,
@@ -327,7 +328,7 @@ def test_sigkill_while_streaming(make_router: Callable[..., Router], events: Eve
     chunks = [next(stream) for _ in range(3)]
     killed = time.time()
     os.kill(first.pid, signal.SIGKILL)
-    with pytest.raises(BackendExited, match="exited while serving a request"):
+    with pytest.raises(BackendCrashed, match="exited while serving the request"):
         for chunk in stream:
             chunks.append(chunk)
     assert time.time() - killed < 2.0, "a stream in flight must end, not hang"
