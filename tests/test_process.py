@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,8 +24,9 @@ from tests.conftest import alive
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(1000)"]
 
 
-def _records() -> list[Path]:
-    return sorted((Path(os.environ["LEMON_MAGIC_STATE_DIR"]) / "backends").glob("*.json"))
+def _record(pid: int) -> Path:
+    """Where the pid record of ``pid`` is (other tests may leave records of dead owners)."""
+    return Path(os.environ["LEMON_MAGIC_STATE_DIR"]) / "backends" / f"{pid}.json"
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
@@ -120,20 +120,21 @@ def test_sigkill_of_the_spawning_process_kills_the_backend(via: str) -> None:
     finally:
         if alive(backend):
             os.killpg(backend, signal.SIGKILL)
-        for record in _records():
-            if json.loads(record.read_text())["pid"] == backend:
-                record.unlink()
+        _record(backend).unlink(missing_ok=True)
 
 
-def test_a_program_that_cannot_run_is_a_start_error(tmp_path: Path) -> None:
+def test_a_program_that_cannot_run_is_a_start_error(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     not_executable = tmp_path / "backend"
     not_executable.write_text("#!/bin/sh\n")
     cases = [([str(tmp_path / "missing")], "No such file"), (["no-such-backend-x"], "No such file"),
              ([str(not_executable)], "Permission denied"), ([str(tmp_path)], "Permission denied")]
+    recorded: list[int] = []
+    monkeypatch.setattr(_process._pidfile, "record", lambda pid, argv: recorded.append(pid))
     for argv, reason in cases:
         with pytest.raises(BackendStartError, match=reason):
             BackendProcess.spawn("test", argv, 0)
-    assert _records() == []
+    assert recorded == []
 
 
 # --------------------------------------------------------------------------- the log ring
@@ -194,17 +195,19 @@ def test_kill_owned_kills_the_groups_of_one_owner_from_any_thread(spawned: list[
     assert sorted(result) == sorted([a1.pid, a2.pid])
     assert a1.returncode == -signal.SIGKILL and a2.returncode == -signal.SIGKILL
     assert all(_gone_within(c, 2.0) for c in children), "the backends' own children survived"
-    assert alive(b.pid) and {r.stem for r in _records()} == {str(b.pid)}
+    assert not _record(a1.pid).exists() and not _record(a2.pid).exists()
+    assert alive(b.pid) and _record(b.pid).exists()
     assert kill_owned(1) == []
     assert anyio.run(a1.stop) == -signal.SIGKILL  # a stop after kill_owned is harmless
     anyio.run(b.stop, 1.0)
-    assert kill_owned(2) == [] and _records() == []
+    assert kill_owned(2) == [] and not _record(b.pid).exists()
 
 
 def test_kill_now_forgets_the_process(spawned: list[BackendProcess]) -> None:
     p = _spawn(spawned, SLEEPER, owner=3)
+    assert _record(p.pid).exists()
     p.kill_now()
-    assert p.returncode == -signal.SIGKILL and kill_owned(3) == [] and _records() == []
+    assert p.returncode == -signal.SIGKILL and kill_owned(3) == [] and not _record(p.pid).exists()
 
 
 # --------------------------------------------------------------------------- stop()
@@ -217,6 +220,7 @@ def test_stop_of_a_backend_that_exited_during_start_leaves_nothing(tmp_path: Pat
     script.write_text(f"#!/bin/sh\nsleep 1000 &\necho $! > {tmp_path / 'child'}\necho bad option\nexit 3\n")
     script.chmod(0o755)
     p = _spawn(spawned, [str(script)], owner=4)
+    assert _record(p.pid).exists()
 
     async def start_then_stop() -> None:
         with pytest.raises(BackendExited, match=r"exited during start \(exit code 3\)|code 3"):
@@ -227,5 +231,5 @@ def test_stop_of_a_backend_that_exited_during_start_leaves_nothing(tmp_path: Pat
     child = int((tmp_path / "child").read_text())
     assert not alive(child), "stop() returned while the backend's child still ran"
     assert p.client.is_closed
-    assert _records() == [] and kill_owned(4) == []
+    assert not _record(p.pid).exists() and kill_owned(4) == []
     assert "bad option" in p.log_tail()
