@@ -179,11 +179,6 @@ class _Updater:
         with self._updated:
             self._updated.wait(timeout)
 
-    def threads(self) -> int:
-        """How many updater threads run (0 or 1)."""
-        with self._lock:
-            return int(self._thread is not None)
-
     def _start_locked(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="lemon-panels", daemon=True)
@@ -223,15 +218,19 @@ class _Updater:
             except Exception:  # a failed unsubscribe must not stop the writer of every panel
                 log.exception("panel clean-up failed")
             return
-        ran = not panel.closed
         try:
-            if ran:
-                panel._update(fn, *args)
+            self._update(panel, fn, args)
         finally:
             with self._updated:
                 panel._pending -= 1
                 self._updated.notify_all()
-        if ran and panel.closed:
+
+    @staticmethod
+    def _update(panel: LemonPanel, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if panel.closed:
+            return
+        panel._update(fn, *args)
+        if panel.closed:
             panel._close_widgets()  # closed while the update ran: close what the update made
 
     def _to_poll(self) -> list[LemonPanel]:
@@ -250,8 +249,7 @@ class _Updater:
             except RouterClosed:  # closed meanwhile: its last events already said so
                 continue
             for panel in panels:
-                if not panel.closed:
-                    panel._update(LemonPanel._show_rows, statuses)
+                self._update(panel, LemonPanel._show_rows, (statuses,))
         with self._updated:
             self._updated.notify_all()
 
@@ -369,8 +367,9 @@ class LemonPanel(w.VBox):
         except BaseException:
             self._close_widgets()
             raise
-        # closing or collecting the panel ends its subscription
+        # closing or collecting the panel ends its subscription (at exit the router goes anyway)
         self._finalizer = weakref.finalize(self, _UPDATER.detach, subscription)
+        self._finalizer.atexit = False
         self._post(LemonPanel._refresh_rows)
         self._post(LemonPanel._prefill, 0)
 

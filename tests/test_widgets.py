@@ -305,6 +305,31 @@ def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def _in_another_thread(action: Callable[[], object]) -> None:
+    t = threading.Thread(target=action)
+    t.start()
+    t.join()
+
+
+def _edit_from_the_user(field: w.Widget, value: str) -> None:
+    """Set ``field`` from another thread, as the kernel's main thread would, and wait for it."""
+    _in_another_thread(lambda: setattr(field, "value", value))
+
+
+def _inside_panel_write(written: w.Widget, action: Callable[[], None], names: str = "value") -> list[bool]:
+    """Run ``action`` once, inside the panel's own write of ``written``'s trait (on its updater
+    thread), to put a user's action at an exact point of an update; no sleeps."""
+    done: list[bool] = []
+
+    def hook(_change: object) -> None:
+        if threading.current_thread().name == "lemon-panels" and not done:
+            done.append(True)
+            action()
+
+    written.observe(hook, names=names)
+    return done
+
+
 @pytest.fixture
 def weak_registries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let widgets be garbage: ipywidgets and comm keep every open widget otherwise."""
@@ -423,28 +448,20 @@ def test_close_closes_every_widget_of_the_panel() -> None:
     assert set(widget_module._instances) - before == set()
 
 
+def test_a_close_during_an_update_leaves_no_widget() -> None:
+    before = set(widget_module._instances)
+    router = StubRouter()
+    panel = _stub_panel(router)
+    # the update that makes two rows is interrupted by a close() (from another thread) after the first
+    _during_update = _inside_panel_write(panel.rows_box, lambda: _in_another_thread(panel.close),
+                                     names="children")
+    router.statuses = [_status(), _status(name="other-model")]
+    router.emit(ModelState.LOADING, ModelState.READY)
+    assert _eventually(lambda: bool(_during_update) and panel._pending == 0)
+    assert _eventually(lambda: set(widget_module._instances) - before == set()), "widgets left open"
+
+
 # ---------------------------------------------------------------- an edit made during a prefill
-
-def _edit_from_the_user(field: w.Widget, value: str) -> None:
-    """Set ``field`` from another thread, as the kernel's main thread would, and wait for it."""
-    t = threading.Thread(target=setattr, args=(field, "value", value))
-    t.start()
-    t.join()
-
-
-def _during_prefill(panel: LemonPanel, written: w.Widget, action: Callable[[], None]) -> list[bool]:
-    """Run ``action`` once, inside the panel's own write of ``written`` (on its updater thread)."""
-    done: list[bool] = []
-    user = threading.current_thread()
-
-    def hook(_change: object) -> None:
-        if threading.current_thread() is not user and not done:
-            done.append(True)
-            action()
-
-    written.observe(hook, names="value")
-    return done
-
 
 def test_an_edit_made_during_a_prefill_is_not_overwritten_by_it() -> None:
     router = StubRouter(_status(ctx=256, threads=2))
@@ -453,12 +470,44 @@ def test_an_edit_made_during_a_prefill_is_not_overwritten_by_it() -> None:
     panel.ctx_size.value = "999"
     panel.wait_idle()
     # the prefill writes ctx_size first; the user types in threads meanwhile
-    done = _during_prefill(panel, panel.ctx_size, lambda: _edit_from_the_user(panel.threads, "1"))
+    done = _inside_panel_write(panel.ctx_size, lambda: _edit_from_the_user(panel.threads, "1"))
     panel.revert.click()
     panel.wait_idle()
     assert done, "the hook ran inside the prefill"
     assert (panel.ctx_size.value, panel.threads.value) == ("256", "1")
     assert panel.plan is not None and panel.plan.action == "reload"
+    panel.close()
+
+
+def test_an_edit_landing_just_before_the_prefill_writes_that_field_is_put_back() -> None:
+    router = StubRouter(_status(ctx=256, threads=2))
+    panel = _stub_panel(router)
+    panel.ctx_size.value, panel.threads.value = "999", "7"
+    panel.wait_idle()
+
+    class ReleaseHook:
+        """The panel's edit lock; the first release on the updater thread after ``armed`` runs
+        ``action``: here, between the prefill's look at the threads field and its write to it."""
+
+        def __init__(self, lock: Any, action: Callable[[], None]) -> None:
+            self.lock, self.action, self.armed = lock, action, False
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+            if self.armed and threading.current_thread().name == "lemon-panels":
+                self.armed = False
+                self.action()
+
+    hook = ReleaseHook(panel._edit_lock, lambda: _edit_from_the_user(panel.threads, "1"))
+    panel._edit_lock = hook  # type: ignore[assignment]
+    _inside_panel_write(panel.ctx_size, lambda: setattr(hook, "armed", True))  # ctx_size is written first
+    panel.revert.click()
+    panel.wait_idle()
+    assert (panel.ctx_size.value, panel.threads.value) == ("256", "1")
+    assert panel.plan is not None and panel.plan.current is not None and panel.plan.options.threads == 1
     panel.close()
 
 
@@ -468,7 +517,7 @@ def test_an_edit_made_during_a_prefill_survives_the_next_load() -> None:
     panel.threads.value = "7"
     panel.wait_idle()
     # Revert's prefill writes threads back to 2; the user types in ctx_size (already written) meanwhile
-    done = _during_prefill(panel, panel.threads, lambda: _edit_from_the_user(panel.ctx_size, "512"))
+    done = _inside_panel_write(panel.threads, lambda: _edit_from_the_user(panel.ctx_size, "512"))
     panel.revert.click()
     panel.wait_idle()
     assert done and (panel.ctx_size.value, panel.threads.value) == ("512", "2")
