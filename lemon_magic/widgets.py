@@ -68,15 +68,9 @@ def _ago(since: float | None, now: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """``"4 min 10 s"``-style text of a time left (whole seconds, never negative)."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        minutes, s = divmod(s, 60)
-        return f"{minutes} min {s} s" if s else f"{minutes} min"
-    hours, s = divmod(s, 3600)
-    return f"{hours} h {s // 60} min"
+    """``"4 min 10 s"``-style text of a time left, as ``%lemon_status`` writes it."""
+    left = max(0, round(seconds))
+    return f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
 
 
 def _widget_tree(*roots: w.Widget) -> Iterator[w.Widget]:

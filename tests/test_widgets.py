@@ -537,10 +537,10 @@ def test_a_row_shows_when_an_idle_model_unloads() -> None:
     now = 1_000_000.0
     row.show(_status(idle_unload_at=now + 250.4), now)
     assert "unloads if idle in 4 min 10 s" in row.summary.value
-    row.show(_status(idle_unload_at=now + 9.9), now)
+    row.show(_status(idle_unload_at=now + 9.4), now)
     assert "unloads if idle in 9 s" in row.summary.value
     row.show(_status(idle_unload_at=now + 3600 + 120), now)
-    assert "unloads if idle in 1 h 2 min" in row.summary.value
+    assert "unloads if idle in 62 min 0 s" in row.summary.value
     row.show(_status(idle_unload_at=now - 3), now)
     assert "unloads if idle in 0 s" in row.summary.value
     row.show(_status(idle_unload_at=None), now)
@@ -553,12 +553,12 @@ def test_the_panel_shows_the_idle_countdown_and_keeps_its_text_form_stable(
         monkeypatch: pytest.MonkeyPatch) -> None:
     now = time.time()
     monkeypatch.setattr(widgets_module, "time", SimpleNamespace(time=lambda: now, monotonic=time.monotonic))
-    router = StubRouter(_status(ctx=256, idle_unload_at=now + 250.5))
+    router = StubRouter(_status(ctx=256, idle_unload_at=now + 250.4))
     panel = _stub_panel(router)
     assert "unloads if idle in 4 min 10 s" in panel._rows[STUB].summary.value
     text = repr(panel)
     assert text == f"LemonPanel\n  {STUB}: ready (llama-server, ctx 256)\n  form: no change (no-op)"
-    router.statuses = [_status(ctx=256, idle_unload_at=now + 30.5)]
+    router.statuses = [_status(ctx=256, idle_unload_at=now + 30.4)]
     router.emit(ModelState.READY, ModelState.READY)
     panel.wait_idle()
     assert "unloads if idle in 30 s" in panel._rows[STUB].summary.value
