@@ -5,6 +5,9 @@
 1. Latency from a router event (its timestamp) to the moment the panel's row
    shows the new state (the trait change), over load/unload cycles.
 2. No-op ``load`` with and without a panel subscribed, alternating blocks.
+3. Piled-up panels (a cell re-run 20 times) while a model is ready: panel
+   threads, and ``status()`` calls per second the panels make, while they are
+   open and after they are closed.
 
 Writes bench/results/widgets.json.
 """
@@ -19,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from lemon_magic import Router, RouterEvent
+from lemon_magic import ModelStatus, Router, RouterEvent
 from lemon_magic.widgets import LemonPanel
 
 RESULTS = Path(__file__).with_name("results")
@@ -43,9 +46,47 @@ def noop_median(router: Router, model: str, n: int = 500) -> float:
     return statistics.median(times)
 
 
+def _panel_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("lemon-panel"))
+
+
+def status_rate(router: Router, seconds: float) -> float:
+    """``status()`` calls per second made through ``router`` (by the panels) over ``seconds``."""
+    calls = 0
+    real = router.status
+
+    def counting() -> list[ModelStatus]:
+        nonlocal calls
+        calls += 1
+        return real()
+
+    router.status = counting  # type: ignore[method-assign]
+    try:
+        time.sleep(seconds)
+    finally:
+        del router.status
+    return calls / seconds
+
+
+def pile_up(router: Router, model: str, n: int, seconds: float) -> dict[str, float]:
+    router.load(model, ctx_size=256)
+    panels = [LemonPanel(router) for _ in range(n)]
+    for p in panels:
+        p.wait_idle()
+    open_threads, open_rate = _panel_threads(), status_rate(router, seconds)
+    for p in panels:
+        p.close()
+    time.sleep(1.5)  # let closed panels' threads notice
+    closed_threads, closed_rate = _panel_threads(), status_rate(router, seconds)
+    router.unload(model)
+    return {"panels": n, "open_panel_threads": open_threads, "open_status_calls_per_s": open_rate,
+            "closed_panel_threads": closed_threads, "closed_status_calls_per_s": closed_rate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--panels", type=int, default=20)
     args = parser.parse_args()
     model = _tiny_model()
     router = Router()
@@ -61,6 +102,9 @@ def main() -> None:
         with_panel.append(noop_median(router, model))
         panel.close()
     router.unload(model)
+
+    # 3. piled-up panels
+    piled = pile_up(router, model, args.panels, 3.0)
 
     # 1. event -> trait latency
     panel = LemonPanel(router)
@@ -99,7 +143,7 @@ def main() -> None:
         "cycles": args.cycles, "events": len(events), "events_seen": len(delays),
         "event_to_trait_median_ms": med(delays) * 1e3, "event_to_trait_max_ms": max(delays) * 1e3,
         "noop_without_panel_ms": med(without) * 1e3, "noop_with_panel_ms": med(with_panel) * 1e3,
-        "noop_ratio": med(with_panel) / med(without),
+        "noop_ratio": med(with_panel) / med(without), **piled,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "widgets.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -108,6 +152,10 @@ def main() -> None:
           "(target <= 50 ms)")
     print(f"no-op load: {result['noop_without_panel_ms']:.4f} ms without a panel, "
           f"{result['noop_with_panel_ms']:.4f} ms with one = {result['noop_ratio']:.3f}")
+    print(f"{piled['panels']} panels on a ready model: {piled['open_panel_threads']} panel thread(s), "
+          f"{piled['open_status_calls_per_s']:.1f} status() calls/s while open; "
+          f"{piled['closed_panel_threads']} thread(s), {piled['closed_status_calls_per_s']:.1f} calls/s "
+          "once closed")
 
 
 if __name__ == "__main__":

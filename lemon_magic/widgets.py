@@ -1,37 +1,52 @@
 """The panel: live model rows, and a load form that says what Apply will do before it happens.
 
 Threads. Router events arrive on the router's thread, clicks and edits on the
-kernel's main thread. Neither writes a widget: both queue work for the
-panel's own thread, the single writer of every widget the panel computes
-(rows, banner, buttons, errors), which batches each update with
-``hold_sync``. The panel never decides anything: what Apply will do comes from
-``Router.plan`` (the router's own decision function), and Apply, Unload and
-the rows all go through the router.
+kernel's main thread. Neither writes a widget: both queue work for the one
+updater thread that all panels of the process share, the single writer of
+every widget a panel computes (rows, banner, buttons, errors), which batches
+each update with ``hold_sync``. The panel never decides anything: what Apply
+will do comes from ``Router.plan`` (the router's own decision function), and
+Apply, Unload and the rows all go through the router.
+
+Lifetime. A panel that is closed or garbage costs nothing: the updater holds
+panels by weak reference only; closing or collecting a panel hands its router
+subscription to the updater thread to remove (a finalizer never blocks);
+``close()`` closes every widget of the panel; and the updater thread exits
+once no panel is subscribed. While panels live, it polls ``status()`` once a
+second, once per router however many panels there are, and only while some
+open panel shows a loading or ready model (elapsed time, uptime, RSS, the
+idle-unload countdown).
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 import ipywidgets as w
 
 from lemon_magic._policy import ModelState
-from lemon_magic.errors import LemonError
+from lemon_magic.errors import LemonError, RouterClosed
 from lemon_magic.router import ModelStatus, Plan, RouterEvent
 from lemon_magic.runtime import Router, get_router
 
 __all__ = ("LemonPanel",)
 
+log = logging.getLogger(__name__)
+
 _CHIP_COLOURS = {"unloaded": "#9e9e9e", "loading": "#1e88e5", "ready": "#43a047",
                  "generating": "#8e24aa", "stopping": "#fb8c00", "crashed": "#e53935",
                  "error": "#e53935"}
 _AUTO = "auto"
+#: seconds between two refreshes of rows whose figures move (elapsed, uptime, RSS, countdown)
+_POLL_SECONDS = 1.0
 
 
 def chip(status: ModelStatus | None) -> str:
@@ -45,15 +60,199 @@ def chip(status: ModelStatus | None) -> str:
     return str(status.state)
 
 
-def _ago(since: float | None) -> str:
+def _ago(since: float | None, now: float) -> str:
     if since is None:
         return ""
-    s = max(0.0, time.time() - since)
+    s = max(0.0, now - since)
     return f"{s:.1f} s" if s < 60 else f"{s / 60:.0f} min"
 
 
+def _duration(seconds: float) -> str:
+    """``"4 min 10 s"``-style text of a time left, as ``%lemon_status`` writes it."""
+    left = max(0, round(seconds))
+    return f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
+
+
+def _widget_tree(*roots: w.Widget) -> Iterator[w.Widget]:
+    """Every widget reachable from ``roots`` through synced traits (children, layout, style...)."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        widget = stack.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        yield widget
+        for key in widget.keys:
+            value = getattr(widget, key, None)
+            if isinstance(value, w.Widget):
+                stack.append(value)
+            elif isinstance(value, (list, tuple)):
+                stack.extend(v for v in value if isinstance(v, w.Widget))
+
+
+# ----------------------------------------------------------------- the shared updater thread
+
+class _WriterFlag(threading.local):
+    active = False  # True on the updater thread only
+
+
+_WRITER = _WriterFlag()
+
+
+class _Subscription:
+    """A panel's router subscription. It holds the panel by weak reference only."""
+
+    def __init__(self, panel: LemonPanel) -> None:
+        self.panel = weakref.ref(panel)
+        self.unsubscribe: Callable[[], None] | None = None
+
+    def __call__(self, event: RouterEvent) -> None:  # on the router's thread: keep it quick
+        panel = self.panel()
+        if panel is not None and not panel.closed:
+            _UPDATER.post(panel, LemonPanel._on_event, (event,))
+
+    def cancel(self) -> None:
+        """Unsubscribe (idempotent; on the updater thread only)."""
+        unsubscribe, self.unsubscribe = self.unsubscribe, None
+        if unsubscribe is not None:
+            try:
+                unsubscribe()
+            except RouterClosed:  # a closed router has no subscribers left
+                pass
+
+
+_Job = tuple["LemonPanel | None", Callable[..., None], tuple[Any, ...]]
+
+
+class _Updater:
+    """The one thread that writes every panel's widgets; it runs while some panel is subscribed.
+
+    Jobs go through a ``SimpleQueue``, whose ``put`` is safe in finalizers: closing or
+    collecting a panel only queues its unsubscribe, which this thread then runs.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the three fields below
+        self._panels: weakref.WeakSet[LemonPanel] = weakref.WeakSet()
+        self._subscriptions: set[_Subscription] = set()
+        self._thread: threading.Thread | None = None
+        #: guards each panel's count of queued updates; notified after every update
+        self._updated = threading.Condition()
+
+    def attach(self, panel: LemonPanel) -> _Subscription:
+        """Subscribe ``panel`` to its router (events reach it through this thread)."""
+        subscription = _Subscription(panel)
+        subscription.unsubscribe = panel.router.subscribe(subscription)
+        with self._lock:
+            self._panels.add(panel)
+            self._subscriptions.add(subscription)
+            self._start_locked()
+        return subscription
+
+    def detach(self, subscription: _Subscription) -> None:
+        """Have this thread unsubscribe (safe from a finalizer on any thread: never blocks)."""
+        self._jobs.put((None, self._cancel, (subscription,)))
+
+    def post(self, panel: LemonPanel, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """Queue ``fn(panel, *args)`` as one update of ``panel``."""
+        with self._updated:
+            panel._pending += 1
+        self._jobs.put((panel, fn, args))
+        with self._lock:
+            self._start_locked()
+
+    def wait_idle(self, panel: LemonPanel, timeout: float) -> bool:
+        """Whether every update queued for ``panel`` ran within ``timeout`` seconds."""
+        with self._updated:
+            return self._updated.wait_for(lambda: panel._pending == 0, timeout)
+
+    def wait_update(self, timeout: float) -> None:
+        """Wait until some panel's update ran, or ``timeout``."""
+        with self._updated:
+            self._updated.wait(timeout)
+
+    def _start_locked(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="lemon-panels", daemon=True)
+            self._thread.start()
+
+    def _cancel(self, subscription: _Subscription) -> None:
+        subscription.cancel()
+        with self._lock:
+            self._subscriptions.discard(subscription)
+
+    def _run(self) -> None:
+        _WRITER.active = True
+        next_poll: float | None = None
+        while True:
+            timeout = None  # nothing moves on screen: sleep until a job comes
+            if self._to_poll():
+                next_poll = next_poll or time.monotonic() + _POLL_SECONDS
+                timeout = max(0.0, next_poll - time.monotonic())
+            else:
+                next_poll = None
+            try:
+                self._do(*self._jobs.get(timeout=timeout))
+            except queue.Empty:
+                pass
+            if next_poll is not None and time.monotonic() >= next_poll:
+                next_poll = None
+                self._poll()
+            with self._lock:
+                if not self._subscriptions and self._jobs.empty():
+                    self._thread = None  # a later post() starts a new thread
+                    return
+
+    def _do(self, panel: LemonPanel | None, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if panel is None:
+            try:
+                fn(*args)
+            except Exception:  # a failed unsubscribe must not stop the writer of every panel
+                log.exception("panel clean-up failed")
+            return
+        try:
+            self._update(panel, fn, args)
+        finally:
+            with self._updated:
+                panel._pending -= 1
+                self._updated.notify_all()
+
+    @staticmethod
+    def _update(panel: LemonPanel, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if panel.closed:
+            return
+        panel._update(fn, *args)
+        if panel.closed:
+            panel._close_widgets()  # closed while the update ran: close what the update made
+
+    def _to_poll(self) -> list[LemonPanel]:
+        with self._lock:
+            panels = list(self._panels)
+        return [p for p in panels if p._moving and not p.closed and not p.router.closed]
+
+    def _poll(self) -> None:
+        """Refresh moving rows: one ``status()`` per router, shared by its panels."""
+        by_router: dict[int, list[LemonPanel]] = {}
+        for panel in self._to_poll():
+            by_router.setdefault(id(panel.router), []).append(panel)
+        for panels in by_router.values():
+            try:
+                statuses = panels[0].router.status()
+            except RouterClosed:  # closed meanwhile: its last events already said so
+                continue
+            for panel in panels:
+                self._update(panel, LemonPanel._show_rows, (statuses,))
+        with self._updated:
+            self._updated.notify_all()
+
+
+_UPDATER = _Updater()
+
+
 class _Row:
-    """The widgets of one model's row (written only by the panel thread)."""
+    """The widgets of one model's row (written only by the updater thread)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -66,7 +265,8 @@ class _Row:
         self.box = w.VBox([w.HBox([self.summary, self.progress]), self.error])
         self.status: ModelStatus | None = None
 
-    def show(self, s: ModelStatus) -> None:
+    def show(self, s: ModelStatus, now: float) -> None:
+        """Show ``s``; ``now`` is the wall-clock time that elapsed times and countdowns count from."""
         self.status = s
         state = chip(s)
         colour = _CHIP_COLOURS.get(state, "#9e9e9e")
@@ -74,18 +274,20 @@ class _Row:
         options = (f"ctx {opts.ctx_size}, threads {opts.threads}"
                    + (f", {' '.join(opts.extra_args)}" if opts.extra_args else "")) if opts else ""
         port = s.url.rsplit(":", 1)[1] if s.url else ""
-        when = {"ready": f"up {_ago(s.since)}", "generating": f"up {_ago(s.since)}",
-                "loading": f"loading for {_ago(s.since)}"}.get(state, "")
+        when = {"ready": f"up {_ago(s.since, now)}", "generating": f"up {_ago(s.since, now)}",
+                "loading": f"loading for {_ago(s.since, now)}"}.get(state, "")
+        idle = ("" if s.idle_unload_at is None
+                else f"unloads if idle in {_duration(s.idle_unload_at - now)}")
         cells = [f"<b>{html.escape(s.name)}</b>",
                  f"<span style='background:{colour};color:white;border-radius:8px;"
                  f"padding:1px 8px'>{state}</span>",
                  html.escape(s.backend or ""), f"pid {s.pid}:{port}" if s.pid else "",
-                 f"{s.rss / 2**20:.0f} MiB" if s.rss else "", html.escape(options), when,
+                 f"{s.rss / 2**20:.0f} MiB" if s.rss else "", html.escape(options), when, idle,
                  f"last load {s.load_seconds:.2f} s" if s.load_seconds else ""]
         self.summary.value = " &nbsp; ".join(c for c in cells if c)
         if state == "loading" and s.load_seconds and s.since is not None:
             self.progress.layout.visibility = "visible"
-            self.progress.value = min(0.95, (time.time() - s.since) / max(s.load_seconds, 0.01))
+            self.progress.value = min(0.95, (now - s.since) / max(s.load_seconds, 0.01))
         else:
             self.progress.layout.visibility = "hidden"
         if s.last_error:
@@ -101,12 +303,17 @@ class LemonPanel(w.VBox):
     """One panel per kernel: a row per model, and a load form with a warning banner.
 
     ``%lemon_panel`` shows the kernel's panel; ``LemonPanel()`` makes another.
+    ``close()`` it when done (a panel that is closed or garbage costs nothing).
     """
 
     def __init__(self, router: Router | None = None) -> None:
         self.router = router or get_router()
+        if self.router.closed:
+            raise RouterClosed()
+        self._closed = False
         self._rows: dict[str, _Row] = {}
-        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.Queue()
+        self._pending = 0  # updates queued for this panel (guarded by the updater)
+        self._moving = False  # a row shows a loading or ready model: the updater polls
         self._busy = False  # an Apply/Unload started here is in flight
         self.plan: Plan | None = None
         #: what the last Apply or Unload returned (``None`` if it failed)
@@ -114,15 +321,20 @@ class LemonPanel(w.VBox):
         self.error_text = ""
         #: why the form's options are not valid ("" when they are)
         self.form_problem = ""
+        # The user's form edits: {field: (edit number, value)}, kept until a prefill asked
+        # for after them (Revert, a model pick, a load of the model) gives them up.
+        self._edit_lock = threading.Lock()
+        self._edit_count = 0
+        self._user_edits: dict[str, tuple[int, str]] = {}
 
         self.header = w.HTML("<b>lemon_magic</b>")
         self.rows_box = w.VBox()
-        names = self.router.async_router.registry.names()
+        names = self.router.model_names()
         self.model = w.Dropdown(options=names, value=names[0], description="model")
         self.ctx_size = w.Text(value=_AUTO, description="ctx size")
         self.threads = w.Text(value=_AUTO, description="threads")
         self.extra_args = w.Text(value="", description="extra args", placeholder="--flag value")
-        self.backend = w.Dropdown(options=[_AUTO, *self.router.async_router.backends],
+        self.backend = w.Dropdown(options=[_AUTO, *self.router.backend_names()],
                                   value=_AUTO, description="backend")
         self.banner = w.HTML()
         self.apply = w.Button(description="Apply", button_style="primary")
@@ -134,46 +346,71 @@ class LemonPanel(w.VBox):
                        self.error])
         super().__init__([self.header, self.rows_box, form])
 
-        self._edited = False  # the user changed the form since it was last prefilled
-        self._prefilling = False
-        for field in (self.ctx_size, self.threads, self.extra_args, self.backend):
+        self._fields: dict[str, w.ValueWidget] = {
+            "ctx_size": self.ctx_size, "threads": self.threads, "extra_args": self.extra_args,
+            "backend": self.backend}
+        for field in self._fields.values():
             field.observe(self._on_edit, names="value")
-        self._keep_model = False
         self.model.observe(self._on_model_change, names="value")
-        self.apply.on_click(lambda _: self._post(self._apply, self.form_options()))
-        self.revert.on_click(lambda _: self._post(self._prefill))
-        self.unload.on_click(lambda _: self._post(self._unload, self.model.value))
+        self.apply.on_click(lambda _: self._post(LemonPanel._apply, self.form_options()))
+        self.revert.on_click(lambda _: self._post(LemonPanel._prefill, self._edits_so_far()))
+        self.unload.on_click(lambda _: self._post(LemonPanel._unload, self.model.value))
 
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="lemon-panel", daemon=True)
-        self._thread.start()
-        self._unsubscribe = self.router.subscribe(lambda e: self._post(self._on_event, e))
-        self._post(self._refresh_rows)
-        self._post(self._prefill)
+        try:
+            subscription = _UPDATER.attach(self)
+        except BaseException:
+            self._close_widgets()
+            raise
+        # closing or collecting the panel ends its subscription (at exit the router goes anyway)
+        self._finalizer = weakref.finalize(self, _UPDATER.detach, subscription)
+        self._finalizer.atexit = False
+        self._post(LemonPanel._refresh_rows)
+        self._post(LemonPanel._prefill, 0)
 
-    # ----------------------------------------------------------------- the writer thread
+    # ----------------------------------------------------------------- lifetime
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop listening to the router and close the panel with every widget in it.
+
+        Idempotent, and safe from a finalizer (ipywidgets calls ``close`` from ``__del__``):
+        the unsubscribe itself is left to the updater thread.
+        """
+        self._closed = True
+        finalizer = getattr(self, "_finalizer", None)  # None if __init__ failed early
+        if finalizer is not None:
+            finalizer()
+        self._close_widgets()
+
+    def _close_widgets(self) -> None:
+        rows = [row.box for row in getattr(self, "_rows", {}).values()]
+        for widget in list(_widget_tree(self, *rows)):
+            w.Widget.close(widget)
+
+    # ----------------------------------------------------------------- the updater thread
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        self._queue.put((fn, args))
+        """Queue ``fn(self, *args)`` for the updater thread."""
+        _UPDATER.post(self, fn, args)
 
-    def _run(self) -> None:
-        while not self._stopped:
-            try:
-                fn, args = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if any(r.status and r.status.state in (ModelState.LOADING, ModelState.READY)
-                       for r in self._rows.values()):
-                    self._guarded(self._refresh_rows)  # uptime, elapsed, RSS: once a second
-                continue
-            self._guarded(fn, *args)
-            self._queue.task_done()
-
-    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+    def _update(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one update (on the updater thread), as one ``hold_sync`` batch."""
         try:
             with self.hold_sync():
-                fn(*args)
+                fn(self, *args)
         except Exception as exc:  # a panel bug must not kill the writer thread
             self.error.value = f"<span style='color:#e53935'>panel error: {html.escape(repr(exc))}</span>"
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until every queued update has been applied (for tests and notebooks)."""
+        if _WRITER.active:
+            raise RuntimeError("wait_idle() on the panels' updater thread would wait for itself")
+        if not _UPDATER.wait_idle(self, timeout):
+            raise TimeoutError("the panel did not catch up")
 
     def wait_until(self, predicate: Callable[[LemonPanel], bool], timeout: float = 60.0) -> None:
         """Block until ``predicate(panel)`` holds after the queued updates (tests, notebooks)."""
@@ -184,70 +421,69 @@ class LemonPanel(w.VBox):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the panel never got there: {self!r}")
-            time.sleep(0.01)
+            _UPDATER.wait_update(0.05)
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Block until every queued update has been applied (for tests and notebooks)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the panel did not catch up")
-            time.sleep(0.005)
+    # ----------------------------------------------------------------- user input (any thread)
 
-    def close(self) -> None:
-        """Stop listening to the router, stop the panel thread, close the widgets."""
-        self._unsubscribe()
-        self._stopped = True
-        self._post(lambda: None)  # wake the thread so it sees the flag
-        super().close()
+    def _edits_so_far(self) -> int:
+        with self._edit_lock:
+            return self._edit_count
 
-    # ----------------------------------------------------------------- updates (panel thread)
-
-    def _by_panel(self) -> bool:
-        thread = getattr(self, "_thread", None)
-        return thread is not None and threading.get_ident() == thread.ident
+    @property
+    def _edited(self) -> bool:
+        """The form holds edits that no prefill has given up since."""
+        with self._edit_lock:
+            return bool(self._user_edits)
 
     def _on_model_change(self, _change: object) -> None:
-        # only the panel thread's own option refresh is ignored; a user's pick never is
-        if not (self._keep_model and self._by_panel()):
-            self._post(self._prefill)
+        # the updater's own option refresh is ignored; a user's pick never is
+        if not _WRITER.active:
+            self._post(LemonPanel._prefill, self._edits_so_far())
 
-    def _on_edit(self, _change: object) -> None:
-        if not (self._prefilling and self._by_panel()):  # the user typed, even mid-prefill
-            self._edited = True
-        self._post(self._refresh_banner)
+    def _on_edit(self, change: dict[str, Any]) -> None:
+        if _WRITER.active:
+            return  # the panel's own write (a prefill), not the user's
+        name = next(n for n, field in self._fields.items() if field is change["owner"])
+        with self._edit_lock:
+            self._edit_count += 1
+            self._user_edits[name] = (self._edit_count, change["new"])
+        self._post(LemonPanel._keep_edits)
+
+    # ----------------------------------------------------------------- updates (updater thread)
 
     def _on_event(self, event: RouterEvent) -> None:
         self._refresh_rows()
         if event.model == self.model.value:
             if event.new is ModelState.READY and event.old is not ModelState.READY and not self._edited:
-                self._prefill()  # show what is now loaded, unless the user is editing
+                self._prefill(self._edits_so_far())  # show what is now loaded, unless the user edits
             else:
                 self._refresh_banner()
 
     def _refresh_rows(self) -> None:
         statuses = self.router.status()
+        self._show_rows(statuses)
+        names = sorted({*self.router.model_names(), *(s.name for s in statuses)})
+        if list(self.model.options) != names:
+            selected = self.model.value
+            self.model.options = names  # ipywidgets resets the value to the first option
+            self.model.value = selected if selected in names else names[0]
+            if selected not in names:
+                self._prefill(self._edits_so_far())
+
+    def _show_rows(self, statuses: list[ModelStatus]) -> None:
+        now = time.time()
         for s in statuses:
             row = self._rows.get(s.name)
             if row is None:
                 row = self._rows[s.name] = _Row(s.name)
                 self.rows_box.children = [*self.rows_box.children, row.box]
-            row.show(s)
+            row.show(s, now)
         running = sum(1 for s in statuses if s.pid)
         self.header.value = f"<b>lemon_magic</b> — {len(statuses)} model(s), {running} running"
-        names = sorted({*self.router.async_router.registry.names(), *(s.name for s in statuses)})
-        if list(self.model.options) != names:
-            selected = self.model.value
-            self._keep_model = True  # ipywidgets resets the value to the first option
-            try:
-                self.model.options = names
-                self.model.value = selected if selected in names else names[0]
-            finally:
-                self._keep_model = False
+        self._moving = any(s.state in (ModelState.LOADING, ModelState.READY) for s in statuses)
 
     def _status(self, model: str) -> ModelStatus | None:
         return next((s for s in self.router.status() if s.name == model), None)
-
     def form_options(self) -> dict[str, Any]:
         """The load options the form asks for (``auto`` fields left out)."""
         options: dict[str, Any] = {}
@@ -278,18 +514,34 @@ class LemonPanel(w.VBox):
         colour = {"noop": "#43a047", "load": "#1e88e5", "reload": "#fb8c00"}.get(self.plan.action, "#555")
         self.banner.value = f"<span style='color:{colour}'>{html.escape(self.plan.describe())}</span>"
 
-    def _prefill(self) -> None:
+    def _prefill(self, asked: int) -> None:
+        """Show the selected model's loaded options (or ``auto``) in the form.
+
+        ``asked`` is the number of user edits made when this prefill was asked for: those
+        give way to it, later ones (even one made while it runs) are kept.
+        """
         status = self._status(self.model.value)
         opts = status.options if status and status.state is ModelState.READY else None
-        self._prefilling = True
-        try:
-            self.ctx_size.value = str(opts.ctx_size) if opts else _AUTO
-            self.threads.value = str(opts.threads) if opts else _AUTO
-            self.extra_args.value = " ".join(opts.extra_args) if opts else ""
-            self.backend.value = opts.backend if opts and opts.backend in self.backend.options else _AUTO
-        finally:
-            self._prefilling = False
-        self._edited = False
+        values = {"ctx_size": str(opts.ctx_size) if opts else _AUTO,
+                  "threads": str(opts.threads) if opts else _AUTO,
+                  "extra_args": " ".join(opts.extra_args) if opts else "",
+                  "backend": opts.backend if opts and opts.backend in self.backend.options else _AUTO}
+        with self._edit_lock:
+            self._user_edits = {n: e for n, e in self._user_edits.items() if e[0] > asked}
+        for name, value in values.items():
+            with self._edit_lock:
+                if name in self._user_edits:
+                    continue  # edited after the prefill was asked for
+            self._fields[name].value = value
+        self._keep_edits()
+
+    def _keep_edits(self) -> None:
+        """Put back a user's edit that a prefill overwrote as it landed, then refresh the banner."""
+        with self._edit_lock:
+            edits = {name: value for name, (_, value) in self._user_edits.items()}
+        for name, value in edits.items():
+            if self._fields[name].value != value:
+                self._fields[name].value = value
         self._refresh_banner()
 
     def _apply(self, options: dict[str, Any]) -> None:
@@ -312,7 +564,7 @@ class LemonPanel(w.VBox):
             return
         self._busy = True
         self._refresh_banner()
-        future.add_done_callback(lambda f: self._post(self._done, f))
+        future.add_done_callback(lambda f: self._post(LemonPanel._done, f))
 
     def _done(self, future: Future[Any]) -> None:
         self._busy = False
