@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lemon_magic._records import LoadResult, ModelEntry, ModelStatus
 
-__all__ = ("ModelsTable", "StatusTable", "describe_load", "load_note", "seconds")
+__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "seconds")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -37,12 +37,17 @@ def _options(s: ModelStatus) -> str:
     return ", ".join(parts)
 
 
+def duration(seconds: float) -> str:
+    """``"4 min 10 s"``-style text of a time left (the panel and ``%lemon_status`` share it)."""
+    left = max(0, round(seconds))
+    return f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
+
+
 def _idle_note(s: ModelStatus) -> str:
     """``" (unloads if idle in 4 min 10 s)"`` while the idle timer runs, else nothing."""
     if s.idle_unload_at is None:
         return ""
-    left = max(0, round(s.idle_unload_at - time.time()))
-    return f" (unloads if idle in {f'{left // 60} min {left % 60} s' if left >= 60 else f'{left} s'})"
+    return f" (unloads if idle in {duration(s.idle_unload_at - time.time())})"
 
 
 class StatusTable:

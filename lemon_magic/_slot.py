@@ -73,11 +73,12 @@ class Slot:
     """The one owner of a model's process, options and state (used on the router's loop)."""
 
     def __init__(self, name: str, spec: ModelSpec, emit: Callable[[RouterEvent], None],
-                 on_spawn: Callable[[], None] = lambda: None) -> None:
+                 on_spawn: Callable[[], None] = lambda: None, owner: int = 0) -> None:
         self.name = name
         self.spec = spec
         self._emit = emit
         self._on_spawn = on_spawn
+        self._owner = owner  # processes are recorded live for it (kill_owned at exit)
         self.state = ModelState.UNLOADED
         self.state_since = time.monotonic()
         #: set (and replaced) on every transition
@@ -194,7 +195,8 @@ class Slot:
             port = free_port()
             argv = backend.argv(self.spec.path, self.options, port)
             self.process = BackendProcess.spawn(self.name, argv, port, log_lines=config.log_lines,
-                                                request_timeout=config.request_timeout)
+                                                request_timeout=config.request_timeout,
+                                                owner=self._owner)
             self._on_spawn()
             try:
                 await self.process.wait_healthy(backend.health_path, config.start_timeout)

@@ -44,6 +44,7 @@ from lemon_magic._resolve import Resolver
 from lemon_magic._slot import Load, Slot
 from lemon_magic.backends import Backend, default_backends
 from lemon_magic.backends._pidfile import reap_orphans
+from lemon_magic.backends._process import kill_owned
 from lemon_magic.errors import (
     InvalidOptions,
     LemonError,
@@ -121,11 +122,9 @@ class AsyncRouter:
         return self.config
 
     def _kill_all_now(self) -> None:
-        """Last resort for exit paths, from any thread: SIGKILL every backend without the loop."""
-        for slot in list(self._models.values()):
-            process = slot.process
-            if process is not None:
-                process.kill_now()
+        """Last resort for exit paths, from any thread: SIGKILL every backend this router
+        started, through the supervisor's own thread-safe registry (no router state read)."""
+        kill_owned(id(self))
 
     # ----------------------------------------------------------------- events
 
@@ -150,7 +149,7 @@ class AsyncRouter:
                 log.exception("[%s] event subscriber failed", event.model)
 
     def _slot(self, name: str, spec: ModelSpec) -> Slot:
-        return Slot(name, spec, self._emit, on_spawn=self._count_spawn)
+        return Slot(name, spec, self._emit, on_spawn=self._count_spawn, owner=id(self))
 
     def _count_spawn(self) -> None:
         self.spawn_count += 1

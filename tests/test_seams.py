@@ -261,3 +261,15 @@ def test_load_options_never_go_to_the_request(make_router: Callable[..., Router]
         router.complete(tiny_model, "hi", ctx_size=512)
     assert router.complete(tiny_model, "hi", max_tokens=2,
                            load_options=LoadOptions(ctx_size=256)).load.options.ctx_size == 256  # type: ignore[union-attr]
+
+
+def test_the_last_resort_kill_reads_no_router_state(make_router: Callable[..., Router],
+                                                    tiny_model: str) -> None:
+    router = make_router()
+    pid = router.load(tiny_model, ctx_size=256).pid
+    router.async_router._models = {}  # the router's table is not consulted (another thread owns it)
+    router.async_router._kill_all_now()  # from this thread, without the loop
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(pid) and not [r for r in _pid_records() if r.stem == str(pid)]
