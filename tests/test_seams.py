@@ -125,13 +125,13 @@ def test_a_backend_that_exits_during_start_leaves_nothing_behind(make_router: Ca
 
 def test_a_stream_nobody_iterates_holds_no_request(make_router: Callable[..., Router],
                                                    tiny_model: str) -> None:
-    router = make_router(RouterConfig(drain_timeout=30))
+    # a drain that outlasts the test's own timeout: an unload that waits for the stream hangs
+    router = make_router(RouterConfig(drain_timeout=3600))
     router.load(tiny_model, ctx_size=256)
     stream = router.complete(tiny_model, "once", max_tokens=4, stream=True)  # e.g. left in Out[n]
     assert router.status()[0].requests_in_flight == 0
-    result = router.unload(tiny_model)
-    assert result.seconds < 10  # not the 30 s drain timeout
-    del stream
+    assert router.unload(tiny_model).pid is not None
+    assert repr(stream).endswith("not started>")
 
 
 def test_a_stream_closed_from_another_thread_ends_cleanly(make_router: Callable[..., Router],
