@@ -57,8 +57,7 @@ from lemon_magic.errors import (
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec, Registry
 
-__all__ = ("AsyncRouter", "Chunk", "Completion", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
-           "RouterConfig", "RouterEvent", "UnloadResult")
+__all__ = ("AsyncRouter",)
 
 log = logging.getLogger("lemon_magic.router")
 _S = ModelState

@@ -10,9 +10,10 @@ import anyio
 
 from lemon_magic import LoadOptions, ModelNotLoaded
 from lemon_magic._policy import ModelState
+from lemon_magic._records import LoadResult
 from lemon_magic.backends.base import Backend
 from lemon_magic.options import ResolvedOptions
-from lemon_magic.router import AsyncRouter, LoadResult
+from lemon_magic.router import AsyncRouter
 
 SERVER = Path(__file__).with_name("fake_server.py")
 
