@@ -128,6 +128,9 @@ class Stream(Iterator[str]):
             self.close()
             raise Interrupted(self._model, "load" if lease.load is None else "request") from None
         except BaseException:
+            if self._closed:  # closed from another thread while this one started it: just end
+                self._close_response()
+                return
             self.close()
             raise
 

@@ -274,3 +274,23 @@ def test_the_last_resort_kill_reads_no_router_state(make_router: Callable[..., R
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not alive(pid) and not [r for r in _pid_records() if r.stem == str(pid)]
+
+
+def test_a_stream_closed_while_its_model_loads_just_ends(make_router: Callable[..., Router],
+                                                         tiny_model: str, tmp_path: Path,
+                                                         events: EventLog) -> None:
+    gate = tmp_path / "gate"
+    router = make_router(backends={"fake": FakeBackend(gate=gate)})
+    router.subscribe(events)
+    stream = router.complete(tiny_model, "hi", stream=True, load_options=LoadOptions(backend="fake"))
+    assert isinstance(stream, Stream)
+    outcome: list[object] = []
+    reader = threading.Thread(target=lambda: outcome.append(list(stream)))
+    reader.start()
+    events.wait_for(lambda e: e.new is ModelState.LOADING)
+    stream.close()  # while the reader waits for the load
+    gate.touch()
+    reader.join(30)
+    assert not reader.is_alive() and outcome == [[]]
+    events.wait_for(lambda e: e.new is ModelState.READY)
+    assert router.status()[0].requests_in_flight == 0
