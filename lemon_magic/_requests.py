@@ -14,9 +14,10 @@ socket to the reader). Both faces share everything but the socket calls:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +33,8 @@ from lemon_magic.options import LoadOptions
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("MAPPINGS", "TRANSLATED", "Lease", "ResponseReader", "StreamCut", "admit", "end_lease",
-           "failure", "failure_blocking", "request", "stream", "timeouts", "translate")
+__all__ = ("MAPPINGS", "TRANSLATED", "Event", "Lease", "ResponseReader", "StreamCut", "admit", "end_lease",
+           "events", "failure", "failure_blocking", "request", "stream", "timeouts", "translate")
 
 
 class StreamCut(Exception):
@@ -85,6 +86,7 @@ class ResponseReader:
         self.model = model
         self.stream = stream
         self.done = False
+        self.last: dict[str, Any] | None = None
         self._acc = Accumulator("chat" in path)
 
     def check_status(self, status: int, body: bytes) -> None:
@@ -102,12 +104,14 @@ class ResponseReader:
 
     def feed_line(self, line: str) -> str | None:
         """Take one line of an event stream; returns its text, if any (``done`` after
-        ``[DONE]``)."""
+        ``[DONE]``; ``last`` is the event the line carried, ``None`` for other lines)."""
+        self.last = None
         event = parse_sse_line(line)
         if event is DONE:
             self.done = True
             return None
         if isinstance(event, dict):
+            self.last = event
             return self._acc.add_event(event)
         return None
 
@@ -232,11 +236,23 @@ async def request(router: AsyncRouter, model: str, path: str, payload: dict[str,
         end_lease(router, lease)
 
 
-async def stream(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
-                 load_options: LoadOptions | None) -> AsyncIterator[Chunk]:
-    """The async face of a streamed request (on the router's loop)."""
+@dataclass(frozen=True)
+class Event:
+    """One streamed event as the backend sent it, with the text it adds."""
+
+    data: dict[str, Any]
+    text: str | None
+    finish_reason: str | None
+
+
+async def events(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
+                 load_options: LoadOptions | None,
+                 lease: Lease | None = None) -> AsyncGenerator[Event, None]:
+    """The async face of a streamed request (on the router's loop): every event of the
+    backend's stream, in order, until ``[DONE]`` (an HTTP server passes them through as they
+    are; :func:`stream` keeps the text). ``lease`` (if given) shows what was admitted."""
     check_payload(payload)
-    lease = Lease()
+    lease = lease or Lease()
     try:
         load = await admit(router, model, load_options, lease)
         assert lease.process is not None
@@ -252,11 +268,20 @@ async def stream(router: AsyncRouter, model: str, path: str, payload: dict[str, 
                     text = reader.feed_line(line)
                     if reader.done:
                         break
-                    if text:
-                        yield Chunk(text, reader.finish_reason)
+                    if reader.last is not None:
+                        yield Event(reader.last, text, reader.finish_reason)
                 reader.finish()
         except TRANSLATED as exc:
             raise await failure(exc, lease, f"{limit:g} s (stream_idle_timeout)") from exc
         lease.served = True
     finally:
         end_lease(router, lease)
+
+
+async def stream(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
+                 load_options: LoadOptions | None) -> AsyncIterator[Chunk]:
+    """Streamed text chunks (the events that carry text)."""
+    async with contextlib.aclosing(events(router, model, path, payload, load_options)) as evs:
+        async for event in evs:
+            if event.text:
+                yield Chunk(event.text, event.finish_reason)
