@@ -39,6 +39,7 @@ async def unregister(router: AsyncRouter, name: str) -> UnloadResult | None:
     await anyio.to_thread.run_sync(router.registry.unregister, name)
     router._resolver.invalidate()
     slot = router._models.get(name)
+    # a request still counted on the old slot is released there (its lease holds the slot)
     if slot is not None and slot.state in (ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED):
         del router._models[name]
     return unloaded

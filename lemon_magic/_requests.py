@@ -31,6 +31,7 @@ from lemon_magic.errors import BackendCrashed, InferenceError, LemonError, LoadC
 from lemon_magic.options import LoadOptions
 
 if TYPE_CHECKING:
+    from lemon_magic._slot import Slot
     from lemon_magic.router import AsyncRouter
 
 __all__ = ("MAPPINGS", "TRANSLATED", "Event", "Lease", "ResponseReader", "StreamCut", "admit", "end_lease",
@@ -47,6 +48,7 @@ TRANSLATED: tuple[type[BaseException], ...] = (httpx.HTTPError, httpx.StreamErro
 
 #: what each kind of failure becomes (checked in order; the backend having exited wins)
 MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("the router stopped the backend (unload, eviction, reload)", "InferenceError (stopped)"),
     ("the backend process has exited", "BackendCrashed"),
     ("httpx.TimeoutException, TimeoutError (deadline or idle gap)", "RequestTimeout"),
     ("a non-200 answer", "InferenceError (HTTP status and the backend's message)"),
@@ -69,6 +71,8 @@ class Lease:
 
     load: LoadResult | None = None
     process: BackendProcess | None = None
+    #: the slot the request was counted on (released there, even if the name is re-registered)
+    slot: Slot | None = None
     ended: bool = False
     #: the request completed normally (the model is not crash-looping)
     served: bool = False
@@ -131,7 +135,8 @@ class ResponseReader:
 
 
 def translate(exc: BaseException, model: str, *, returncode: int | None = None,
-              log_tail: tuple[str, ...] = (), timeout: str = "") -> LemonError:
+              log_tail: tuple[str, ...] = (), timeout: str = "",
+              stopped_on_purpose: bool = False) -> LemonError:
     """The error boundary: what a failure of the HTTP exchange becomes (see ``MAPPINGS``).
 
     :param returncode: the backend's exit code if it has exited (it then explains the failure).
@@ -139,6 +144,10 @@ def translate(exc: BaseException, model: str, *, returncode: int | None = None,
     """
     if isinstance(exc, LemonError):
         return exc
+    if stopped_on_purpose and not isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return InferenceError(f"the backend of {model!r} was stopped (unloaded, evicted or "
+                              "reloaded) while serving the request, after drain_timeout",
+                              model=model)
     if returncode is not None:
         return BackendCrashed(model, returncode, log_tail)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
@@ -156,7 +165,7 @@ def translate(exc: BaseException, model: str, *, returncode: int | None = None,
 
 def _may_mean_exit(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.TransportError, StreamCut, OSError)) and \
-        not isinstance(exc, httpx.TimeoutException)
+        not isinstance(exc, (httpx.TimeoutException, TimeoutError))  # a deadline is not an exit
 
 
 async def failure(exc: BaseException, lease: Lease, timeout: str = "") -> LemonError:
@@ -185,7 +194,8 @@ def _translated(exc: BaseException, lease: Lease, timeout: str) -> LemonError:
     assert lease.load is not None and lease.process is not None
     code = lease.process.returncode
     tail = tuple(lease.process.log_tail()) if code is not None else ()
-    return translate(exc, lease.load.model, returncode=code, log_tail=tail, timeout=timeout)
+    return translate(exc, lease.load.model, returncode=code, log_tail=tail, timeout=timeout,
+                     stopped_on_purpose=lease.process.stopped_on_purpose)
 
 
 async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | None,
@@ -194,7 +204,7 @@ async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | Non
     the router's lock; loop thread only. Pair it with :func:`end_lease`."""
     load = await router.ensure_loaded(model, load_options, explicit=False, _acquire=True)
     m = router._models[load.model]
-    lease.load, lease.process = load, m.process
+    lease.load, lease.process, lease.slot = load, m.process, m
     if lease.ended:  # the caller gave up (Stop) while this was still loading
         m.release(served=False)
         raise LoadCancelled(f"the request for {model!r} was abandoned", model=model)
@@ -207,8 +217,8 @@ def end_lease(router: AsyncRouter, lease: Lease) -> None:
     if lease.ended:
         return
     lease.ended = True
-    if lease.load is not None:
-        router._models[lease.load.model].release(served=lease.served)
+    if lease.slot is not None:
+        lease.slot.release(served=lease.served)
 
 
 async def request(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],

@@ -237,6 +237,7 @@ class Slot:
             if process is None:
                 return
             began = time.monotonic()
+            process.stopped_on_purpose = True
             await self._end(process, grace)
             self.stop_seconds = time.monotonic() - began
             if self.process is process:

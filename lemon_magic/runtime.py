@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -156,6 +157,8 @@ class Stream(Iterator[str]):
                     self._lease.served = True
                     break
                 if text:
+                    if self._closed:  # closed from another thread during this read
+                        raise StopIteration
                     return text
             else:
                 reader.finish()
@@ -186,11 +189,21 @@ class Stream(Iterator[str]):
                 return
             self._closed = True
             reading = self._reading
-        if not reading:  # else the reading thread closes the response when its read returns
+        if reading:  # wake the reading thread now: shut its socket down (it closes the rest)
+            self._shutdown_socket()
+        else:
             self._close_response()
         lease, router = self._lease, self._router
         if lease is not None and not router.closed:  # a closed router has stopped its backends
             router._call_sync(router._async._end_lease, lease)
+
+    def _shutdown_socket(self) -> None:
+        response = self._response
+        stream = response.extensions.get("network_stream") if response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _close_response(self) -> None:
         exit_stack, self._exit = self._exit, None

@@ -40,6 +40,14 @@ def test_each_failure_maps_to_its_error(exc: BaseException, code: int | None,
     assert type(error) is cls and text in error.message and "\n" not in error.message
 
 
+def test_a_backend_the_router_stopped_is_not_reported_as_a_crash() -> None:
+    cut = httpx.RemoteProtocolError("peer closed", request=REQ)
+    error = translate(cut, "m", returncode=-15, stopped_on_purpose=True)
+    assert type(error) is InferenceError and "was stopped (unloaded, evicted or reloaded)" in error.message
+    late = translate(httpx.ReadTimeout("t", request=REQ), "m", stopped_on_purpose=True, timeout="1 s (x)")
+    assert type(late) is RequestTimeout  # a deadline stays a deadline
+
+
 def _all_subclasses(cls: type) -> set[type]:
     return {cls} | {s for c in cls.__subclasses__() for s in _all_subclasses(c)}
 

@@ -213,6 +213,9 @@ class BackendProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.started_at = time.monotonic()
+        #: set by the owner once it stops the process on purpose (unload, eviction, reload,
+        #: close): a request cut off then was not cut by a crash
+        self.stopped_on_purpose = False
         self.owner = owner
         self._popen = popen
         assert popen.stdout is not None
