@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -57,6 +57,9 @@ from lemon_magic.errors import (
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec, Registry
 
+if TYPE_CHECKING:
+    from lemon_magic.server.serve import Serving, ServingInfo
+
 __all__ = ("AsyncRouter",)
 
 log = logging.getLogger("lemon_magic.router")
@@ -84,6 +87,7 @@ class AsyncRouter:
         self._closed = False
         self._settings_changed = anyio.Event()
         self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
+        self._serving: Serving | None = None
 
     async def __aenter__(self) -> AsyncRouter:
         reap_orphans()
@@ -105,6 +109,7 @@ class AsyncRouter:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            await self.stop_serving()
             await self._unload_all(reason="the router is closing")
 
     def configure(self, changes: Mapping[str, Any]) -> RouterConfig:
@@ -453,6 +458,41 @@ class AsyncRouter:
     def _try_noop(self, model: str, options: LoadOptions) -> LoadResult | None:
         """The no-op fast path; loop thread only (see :func:`_introspect.try_noop`)."""
         return _introspect.try_noop(self, model, options)
+
+    # ----------------------------------------------------------------- serving over HTTP
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 13305) -> str:
+        """Serve the Lemonade- and OpenAI-compatible API on ``host:port`` from this router's
+        loop (``port`` 0: any free port); returns the base URL. Serving again first stops the
+        running server.
+
+        :raises OSError: the address cannot be bound.
+        """
+        from lemon_magic import __version__
+        from lemon_magic.server.app import create_app
+        from lemon_magic.server.serve import start
+
+        if self._closed:
+            raise RouterClosed()
+        assert self._tg is not None
+        await self.stop_serving()
+        self._serving = await start(create_app(self, version=__version__), host, port, self._tg)
+        return self._serving.info.base_url
+
+    async def stop_serving(self) -> bool:
+        """Close the HTTP socket (bounded wait for requests in flight); the router and its
+        backends stay as they are. Returns whether a server was running; idempotent."""
+        serving, self._serving = self._serving, None
+        if serving is None:
+            return False
+        with anyio.CancelScope(shield=True):
+            await serving.stop()
+        return True
+
+    @property
+    def serving(self) -> ServingInfo | None:
+        """Where the API is served and how many requests it answered (``None``: not serving)."""
+        return self._serving.info if self._serving is not None else None
 
     # ----------------------------------------------------------------- requests
 

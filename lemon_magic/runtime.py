@@ -416,6 +416,29 @@ class Router:
         """How many backend processes this router has started."""
         return self._async.spawn_count
 
+    # ---------------------------------------------------------------- serving over HTTP
+
+    def serve(self, host: str = "127.0.0.1", port: int = 13305) -> str:
+        """Serve the Lemonade- and OpenAI-compatible API from this router's loop (``port`` 0:
+        any free port); returns the base URL (OpenAI's ``base_url``).
+
+        :raises OSError: the address cannot be bound.
+        """
+        return self._call(self._async.serve, host, port)
+
+    def stop_serving(self) -> bool:
+        """Close the HTTP socket; the router and its backends stay as they are. Returns whether
+        a server was running; idempotent."""
+        if self.closed:
+            return False
+        return self._call(self._async.stop_serving)
+
+    @property
+    def base_url(self) -> str | None:
+        """The served API's base URL (``None`` when not serving)."""
+        info = self._async.serving
+        return info.base_url if info is not None else None
+
     # ---------------------------------------------------------------- inference
 
     def complete(self, model: str, prompt: str, *, max_tokens: int | None = 256,

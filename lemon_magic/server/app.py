@@ -1,0 +1,460 @@
+"""The HTTP API as a Starlette app: Lemonade's routes (and OpenAI's), over one router.
+
+The route table at the bottom is the whole API. Every handler parses the
+request, makes one router call and shapes the answer; the load contract lives
+only in the router. Errors are translated in one place, :func:`error_response`
+(``ERROR_STATUS`` lists the mappings).
+
+Every route is served under ``/api/v0``, ``/api/v1``, ``/v0`` and ``/v1`` alike,
+as Lemonade does; a GET or HEAD on a POST route answers 405, not 404.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lemon_magic import _requests
+from lemon_magic._policy import ModelState
+from lemon_magic._records import ModelEntry, ModelStatus
+from lemon_magic.errors import (
+    BackendUnavailable,
+    InferenceError,
+    InvalidModelFile,
+    InvalidOptions,
+    LemonError,
+    LoadError,
+    ModelNotFound,
+    ModelNotLoaded,
+    RequestTimeout,
+    SlotsFull,
+    WaitTimeout,
+)
+from lemon_magic.options import LoadOptions
+
+if TYPE_CHECKING:
+    from lemon_magic.router import AsyncRouter
+
+__all__ = ("ERROR_STATUS", "MAX_BODY", "PREFIXES", "create_app")
+
+#: every route lives under each of these, as in Lemonade
+PREFIXES = ("/api/v0", "/api/v1", "/v0", "/v1")
+#: the largest request body accepted, in bytes (larger: 413)
+MAX_BODY = 16 * 1024 * 1024
+#: what each LemonError becomes (checked in order: the first matching class wins)
+ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
+    (ModelNotFound, 404, "model_not_found"),
+    (ModelNotLoaded, 404, "model_not_loaded"),
+    (InvalidOptions, 400, "invalid_request_error"),
+    (SlotsFull, 409, "slots_pinned_error"),
+    (RequestTimeout, 504, "timeout"),
+    (WaitTimeout, 504, "timeout"),
+    (InvalidModelFile, 500, "model_load_error"),
+    (BackendUnavailable, 500, "model_load_error"),
+    (LoadError, 500, "model_load_error"),
+    (InferenceError, 500, "inference_error"),
+    (LemonError, 500, "server_error"),
+)
+_CREATED = 1234567890  # Lemonade's constant `created` for model objects
+#: the only load option an inference body may carry (Lemonade's allow-list)
+_INFERENCE_LOAD_KEYS = ("ctx_size",)
+
+
+class BadRequest(Exception):
+    """A request body the API cannot take (400, Lemonade's bare-string error shape)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(exc: LemonError) -> JSONResponse:
+    """The one translation of router errors into HTTP answers (see ``ERROR_STATUS``)."""
+    status, code = next((s, c) for cls, s, c in ERROR_STATUS if isinstance(exc, cls))
+    if isinstance(exc, ModelNotLoaded):  # Lemonade's /unload answers a bare string
+        return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
+    message = exc.render()
+    if code == "model_load_error":
+        message = f"Failed to load model {exc.model!r}: {exc.render()}"
+    body: dict[str, Any] = {"message": message, "type": code, "param": None, "code": code}
+    if exc.model is not None:
+        body["requested_model"] = exc.model
+    if code == "model_not_found":
+        body["param"] = "model"
+        body["message"] += "; GET /api/v1/models?show_all=true lists every model"
+    return JSONResponse({"error": body}, status)
+
+
+def _bad(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status)
+
+
+def _invalid(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": f"Invalid request: {message}",
+                                   "type": "invalid_request_error", "param": None,
+                                   "code": "invalid_request"}}, 400)
+
+
+async def _body(request: Request, *, required: bool = True) -> dict[str, Any] | None:
+    """The JSON object in the body (``None`` for an empty optional body).
+
+    :raises BadRequest: too large, empty when required, not JSON, or not an object.
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if required:
+            raise BadRequest("Request body is required but was empty")
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise BadRequest(f"Invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"Request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions:
+    """Load options from a body's Lemonade keys (and ours); "empty" values (-1, "", "auto",
+    null) mean unset, as in Lemonade.
+
+    :raises InvalidOptions: a value the options cannot take.
+    """
+    def given(key: str) -> Any:
+        value = body.get(key)
+        empty = value is None or (not isinstance(value, bool) and value in ("", "auto", -1))
+        return None if empty else value
+
+    wanted: dict[str, Any] = {}
+    if "ctx_size" in keys:
+        wanted["ctx_size"] = given("ctx_size")
+    if "llamacpp_args" in keys and given("llamacpp_args") is not None:
+        wanted["extra_args"] = body["llamacpp_args"]
+    if "llamacpp_backend" in keys:
+        device = given("llamacpp_backend")
+        if device not in (None, "cpu"):
+            raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
+    for ours, theirs in (("backend", "backend"), ("threads", "threads"),
+                         ("chat_template", "chat_template")):
+        if theirs in keys:
+            wanted[ours] = given(theirs)
+    return LoadOptions(**wanted)
+
+
+_LOAD_KEYS = ("ctx_size", "llamacpp_args", "llamacpp_backend", "backend", "threads", "chat_template")
+
+
+def _recipe_options(s: ModelStatus) -> dict[str, Any]:
+    if s.options is None:
+        return {}
+    o = s.options
+    return {"ctx_size": o.ctx_size, "llamacpp_backend": "cpu", "llamacpp_args": shlex.join(o.extra_args),
+            "backend": o.backend, "threads": o.threads, "chat_template": o.chat_template}
+
+
+@dataclass
+class _Api:
+    """The handlers, bound to one router (each: parse, one router call, shape)."""
+
+    router: AsyncRouter
+    version: str
+
+    # ------------------------------------------------------------- names
+
+    def _name(self, name: object) -> str:
+        """A model name as the registry knows it (``user.X`` → ``X``); only registered names
+        are served over HTTP (never a file path).
+
+        :raises ModelNotFound: anything else.
+        """
+        registry = self.router.registry
+        if not isinstance(name, str) or not name:
+            raise ModelNotFound(repr(name), registry.names())
+        if name.startswith("user.") and name[5:] in registry.user_names():
+            return name[5:]
+        if name not in registry.names():
+            raise ModelNotFound(name, registry.names())
+        return name
+
+    def _loaded(self) -> list[ModelStatus]:
+        ready = [s for s in self.router.status() if s.state is ModelState.READY]
+        return sorted(ready, key=lambda s: s.last_used or 0.0, reverse=True)
+
+    def _model_object(self, e: ModelEntry) -> dict[str, Any]:
+        spec_defaults: dict[str, Any] = {}
+        try:
+            spec = self.router.registry.lookup(e.name)
+            spec_defaults = {k: v for k, v in vars(spec.defaults).items() if v is not None}
+            if "extra_args" in spec_defaults:
+                spec_defaults["llamacpp_args"] = shlex.join(spec_defaults.pop("extra_args"))
+        except LemonError:
+            pass
+        return {"id": e.name, "object": "model", "created": _CREATED, "owned_by": "lemon_magic",
+                "checkpoint": e.path, "recipe": "llamacpp", "downloaded": e.present,
+                "suggested": True, "labels": [e.kind if e.kind != "llm" else "chat"],
+                "recipe_options": spec_defaults, "source": e.source, "state": str(e.state),
+                **({"problem": e.problem} if e.problem else {})}
+
+    # ------------------------------------------------------------- GET
+
+    async def health(self, request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(status_code=200)
+        loaded = self._loaded()
+        max_models = dict(self.router.config.max_loaded)
+        return JSONResponse({
+            "status": "ok", "version": self.version,
+            "model_loaded": loaded[0].name if loaded else None,
+            "all_models_loaded": [self._loaded_entry(s) for s in loaded],
+            "max_models": max_models,
+        })
+
+    def _loaded_entry(self, s: ModelStatus) -> dict[str, Any]:
+        spec_path = next((e.path for e in self.router.models() if e.name == s.name), s.name)
+        return {
+            "model_name": s.name, "checkpoint": spec_path, "type": s.kind, "device": "cpu",
+            "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
+            "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
+            "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": _recipe_options(s),
+            "is_busy": s.requests_in_flight > 0, "requests_in_flight": s.requests_in_flight,
+            "last_use": int((s.last_used or 0.0) * 1000), "load_seconds": s.load_seconds,
+        }
+
+    async def models(self, request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(status_code=200)
+        show_all = request.query_params.get("show_all") == "true"
+        entries = [e for e in self.router.models() if e.source != "path" and (show_all or e.present)]
+        return JSONResponse({"object": "list", "data": [self._model_object(e) for e in entries]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            name = self._name(request.path_params["model_id"])
+        except LemonError as exc:
+            return error_response(exc)
+        entry = next(e for e in self.router.models() if e.name == name)
+        return JSONResponse(self._model_object(entry))
+
+    # ------------------------------------------------------------- POST
+
+    async def load(self, request: Request) -> Response:
+        body = await _body(request)
+        assert body is not None
+        model = body.get("model_name")
+        if not isinstance(model, str) or not model:
+            return _invalid("'model_name' is required and must be a string")
+        pinned = body.get("pinned")
+        if body.get("save_options") is True:
+            return _invalid("save_options is not supported yet; register the model with its "
+                            "default options instead")
+        try:
+            name = self._name(model)
+            result = await self.router.ensure_loaded(name, _lemonade_options(body, _LOAD_KEYS),
+                                                     explicit=True,
+                                                     pin=pinned if isinstance(pinned, bool) else None)
+        except LemonError as exc:
+            return error_response(exc)
+        return JSONResponse({
+            "status": "success", "model_name": model, "checkpoint": result.options.model_path,
+            "recipe": "llamacpp",
+            "action": result.action, "pid": result.pid, "seconds": round(result.seconds, 6),
+            "load_seconds": round(result.load_seconds, 6),
+            "backend_url": f"{result.url}/v1",
+        })
+
+    async def unload(self, request: Request) -> Response:
+        try:
+            body = await _body(request, required=False)
+        except BadRequest as exc:
+            if exc.status == 413:
+                raise
+            body = None  # as in Lemonade: a body that is not JSON means "unload all"
+        model = (body or {}).get("model_name") or (body or {}).get("model")
+        if model is None:
+            await self.router.unload_all()
+            return JSONResponse({"status": "success", "message": "All models unloaded successfully"})
+        try:
+            result = await self.router.unload(self._name(model))
+        except ModelNotFound:
+            return error_response(ModelNotLoaded(str(model)))
+        except LemonError as exc:
+            return error_response(exc)
+        return JSONResponse({"status": "success", "message": "Model unloaded successfully",
+                             "model_name": model, "pid": result.pid,
+                             "seconds": round(result.seconds, 6)})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._infer(request, "/v1/chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._infer(request, "/v1/completions")
+
+    async def _infer(self, request: Request, path: str) -> Response:
+        body = await _body(request)
+        assert body is not None
+        model = body.get("model")
+        if model is None:
+            loaded = self._loaded()
+            if not loaded:
+                return _bad("No model loaded and no model specified in request")
+            model = loaded[0].name
+        stream = body.pop("stream", False)
+        if not isinstance(stream, bool):
+            return _invalid("'stream' must be a boolean")
+        try:
+            name = self._name(model)
+            load_options = _lemonade_options(body, _INFERENCE_LOAD_KEYS)
+            for key in _INFERENCE_LOAD_KEYS:
+                body.pop(key, None)
+            payload = {**body, "model": name}
+            if not stream:
+                completion = await _requests.request(self.router, name, path, payload,
+                                                     load_options, None)
+                return JSONResponse({**completion.response, "model": model})
+            events = _requests.events(self.router, name, path, payload, load_options)
+            try:  # the first event (or the error) before any header: errors keep their status
+                first = await events.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                await events.aclose()
+                raise
+        except LemonError as exc:
+            return error_response(exc)
+        return _SSE(_sse(events, first, str(model)))
+
+
+class _SSE(StreamingResponse):
+    """An event stream whose generator is closed however the response ends (a client that
+    goes away included), so the request's lease ends at once."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._content = content
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self._content, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _sse(events: Any, first: _requests.Event | None, model: str) -> AsyncIterator[bytes]:
+    """The backend's events as they came (``model`` as the client named it), then ``[DONE]``;
+    a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``."""
+    async with contextlib.aclosing(events):
+        try:
+            if first is not None:
+                yield _event({**first.data, "model": model})
+                async for event in events:
+                    yield _event({**event.data, "model": model})
+        except LemonError as exc:
+            yield _event(json.loads(bytes(error_response(exc).body)))
+            return
+    yield b"data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+# ----------------------------------------------------------------- errors of the HTTP layer
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": {"message": "The requested endpoint does not exist",
+                                   "type": "not_found", "path": request.url.path}}, 404)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return JSONResponse({"error": "Method Not Allowed. Use POST for this endpoint"}, 405,
+                            headers=exc.headers)
+    if exc.status_code == 404:
+        return await _not_found(request, exc)
+    return JSONResponse({"error": {"message": exc.detail, "type": "bad_request"}}, exc.status_code)
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    return _bad(str(exc), exc.status)
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return _bad("the client went away before the request body was read")
+
+
+class _Counter:
+    """Counts the HTTP requests answered (``requests_served``); the outermost layer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.served = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                self.served += 1
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def _routes(api: _Api) -> list[BaseRoute]:
+    get: dict[str, Handler] = {"health": api.health, "models": api.models,
+                               "models/{model_id:path}": api.model}
+    post: dict[str, Handler] = {"load": api.load, "unload": api.unload,
+                                "chat/completions": api.chat_completions,
+                                "completions": api.completions}
+    return [*(Route(f"{prefix}/{path}", handler, methods=["GET"])
+              for prefix in PREFIXES for path, handler in get.items()),
+            *(Route(f"{prefix}/{path}", handler, methods=["POST"])
+              for prefix in PREFIXES for path, handler in post.items())]
+
+
+@dataclass(frozen=True)
+class App:
+    """The ASGI app and its request counter."""
+
+    asgi: ASGIApp
+    counter: _Counter
+
+    @property
+    def requests_served(self) -> int:
+        return self.counter.served
+
+
+def create_app(router: AsyncRouter, *, version: str) -> App:
+    """The API over ``router`` (its handlers must run on the router's loop)."""
+    api = _Api(router, version)
+    app = Starlette(routes=_routes(api), exception_handlers={
+        404: _not_found, HTTPException: _http_error, BadRequest: _bad_request,
+        ClientDisconnect: _disconnected})
+    counter = _Counter(app)
+    return App(counter, counter)

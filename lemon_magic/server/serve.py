@@ -1,0 +1,130 @@
+"""Running the HTTP API on the router's own event loop, with uvicorn.
+
+``uvicorn.Server(config).serve()`` runs as a task in the router's task group,
+so HTTP callers, magics and the panel share one router, one load contract and
+one set of backends. The socket is bound before the task starts (a port in
+use fails the call at once) and handed to uvicorn; stopping asks uvicorn to
+exit, waits (bounded) until the socket is closed, and leaves the router as it
+was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+import uvicorn
+
+from lemon_magic.server.app import App
+
+__all__ = ("DEFAULT_PORT", "Serving", "ServingInfo", "start")
+
+#: Lemonade's default port
+DEFAULT_PORT = 13305
+log = logging.getLogger("lemon_magic.server")
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """Where the router serves HTTP, and how much (a snapshot)."""
+
+    host: str
+    port: int
+    #: the base URL of the API (also OpenAI's ``base_url``)
+    base_url: str
+    requests_served: int
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its signal handlers: whoever runs the router decides what a
+    signal does (the CLI unloads every backend; a kernel keeps its own handlers)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _url_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+class Serving:
+    """One running server: its socket, uvicorn, and the event that says it has ended."""
+
+    def __init__(self, app: App, sock: socket.socket, host: str) -> None:
+        self.app = app
+        self.sock = sock
+        self.host = host
+        self.port: int = sock.getsockname()[1]
+        self.stopped = anyio.Event()
+        config = uvicorn.Config(app.asgi, lifespan="off", log_config=None, access_log=False,
+                                ws="none", timeout_graceful_shutdown=5, server_header=False)
+        self.server = _Server(config)
+
+    @property
+    def info(self) -> ServingInfo:
+        base = f"http://{_url_host(self.host)}:{self.port}/api/v1"
+        return ServingInfo(self.host, self.port, base, self.app.requests_served)
+
+    async def run(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            self.sock.close()
+            self.stopped.set()
+            log.info("[server] stopped serving on port %d", self.port)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to exit and wait until it has (bounded; then it is forced)."""
+        self.server.should_exit = True
+        with anyio.move_on_after(timeout):
+            await self.stopped.wait()
+            return
+        self.server.force_exit = True
+        with anyio.move_on_after(2.0):
+            await self.stopped.wait()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (``port`` 0: any free port).
+
+    :raises OSError: the address is in use or cannot be bound.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup) -> Serving:
+    """Bind ``host:port`` and serve ``app`` from a task in ``tg``; returns once uvicorn
+    accepts connections.
+
+    :raises OSError: the address cannot be bound.
+    """
+    sock = _bind(host, port)
+    serving = Serving(app, sock, host)
+    tg.start_soon(serving.run)
+    while not serving.server.started and not serving.stopped.is_set():
+        await anyio.sleep(0.005)
+    if not serving.server.started:
+        raise OSError(f"the HTTP server on {host}:{serving.port} did not start")
+    log.info("[server] serving %s", serving.info.base_url)
+    return serving
