@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -359,8 +360,9 @@ class _SSE(StreamingResponse):
             await super().stream_response(send)
         finally:
             aclose = getattr(self._content, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if aclose is not None:  # even when cancelled (the client went away): bounded
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+                    await aclose()
 
 
 async def _sse(events: Any, first: _requests.Event | None, model: str) -> AsyncIterator[bytes]:

@@ -1,0 +1,60 @@
+"""``lemon-magic serve``: the HTTP API as a standalone process.
+
+One router on this process's event loop serves on ``--host``/``--port``
+(127.0.0.1:13305 by default, Lemonade's port). SIGTERM or SIGINT closes the
+socket, unloads every backend and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from lemon_magic.server.serve import DEFAULT_PORT
+
+__all__ = ("main",)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemon-magic",
+                                     description="Declarative, race-free local LLM loading.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the Lemonade- and OpenAI-compatible HTTP API",
+                                description="Serve the Lemonade- and OpenAI-compatible HTTP API "
+                                "until SIGTERM or SIGINT, which unload every backend.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port to bind (default: {DEFAULT_PORT}; 0: any free port)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+async def _serve(host: str, port: int) -> None:
+    from lemon_magic.router import AsyncRouter
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with AsyncRouter() as router:
+            url = await router.serve(host, port)
+            print(f"serving {url} (OpenAI base URL: {url})", flush=True)
+            async for signum in signals:
+                logging.getLogger("lemon_magic.server").info(
+                    "[server] %s: unloading every backend", signal.Signals(signum).name)
+                break
+        # leaving the router's block stopped the server and unloaded every backend
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        anyio.run(_serve, args.host, args.port, backend="asyncio")
+    except OSError as exc:
+        print(f"lemon-magic: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,332 @@
+"""The HTTP API over a real socket, with real clients (``openai``, ``httpx``, raw sockets),
+on real llama.cpp backends: the same load contract as the Python API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+import pytest
+
+from lemon_magic import ModelState, Router
+from lemon_magic.registry import Registry
+from tests.conftest import alive, wait_no_backends
+
+pytestmark = pytest.mark.real
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+@dataclass
+class Served:
+    router: Router
+    url: str
+    http: httpx.Client
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=60)
+
+    def pid(self, name: str) -> int | None:
+        return next((s.pid for s in self.router.status()
+                     if s.name == name and s.state is ModelState.READY), None)
+
+
+@pytest.fixture
+def served(make_router: Callable[..., Router], tiny_model: str, tiny_model_b: str) -> Iterator[Served]:
+    router = make_router()
+    router.register("tiny", tiny_model)
+    router.register("tiny-b", tiny_model_b)
+    url = router.serve(port=0)
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+        yield Served(router, url, http)
+    router.stop_serving()
+    for name in ("tiny", "tiny-b"):
+        router.unregister(name)
+
+
+def _raw(url: str, request: bytes, *, shut_write: bool = False) -> bytes:
+    """Send raw bytes to the server; returns all it answers until it closes or goes quiet."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            out += data
+            if b"\r\n\r\n" in out and not shut_write:
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+    return out
+
+
+# ----------------------------------------------------------------- the openai SDK as client
+
+def test_openai_chat_and_completions_streamed_and_not(served: Served) -> None:
+    client = served.openai()
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content and chat.model == "tiny"
+    assert chat.usage is not None and chat.usage.completion_tokens == 4
+    comp = client.completions.create(model="tiny", prompt="once upon", max_tokens=4, temperature=0)
+    assert comp.choices[0].text and comp.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4,  # type: ignore[arg-type]
+                                                  temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    parts = list(client.completions.create(model="tiny", prompt="once upon", max_tokens=4,
+                                           temperature=0, stream=True))
+    assert len(parts) >= 2 and parts[-1].choices[0].finish_reason == "length"
+    assert served.router.spawn_count == 1
+    [status] = served.router.status()
+    assert status.requests_in_flight == 0
+
+
+def test_openai_on_the_embedded_gemma(served: Served) -> None:
+    client = served.openai()
+    parts = list(client.completions.create(model="gemma3-270m", prompt="The capital of France is",
+                                           max_tokens=8, temperature=0, stream=True))
+    text = "".join(p.choices[0].text for p in parts)
+    assert text.strip() and parts[-1].choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model="gemma3-270m", messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content is not None
+
+
+def test_openai_models_list_and_unknown_model(served: Served) -> None:
+    client = served.openai()
+    ids = {m.id for m in client.models.list()}
+    assert {"tiny", "tiny-b", "gemma3-270m"} <= ids
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=CHAT)  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError):
+        list(client.completions.create(model="no-such-model", prompt="x", stream=True))
+    assert served.router.spawn_count == 0
+
+
+# ----------------------------------------------------------------- load and unload over HTTP
+
+def test_load_noop_keeps_the_pid_and_reload_changes_it(served: Served) -> None:
+    http = served.http
+    first = http.post("/load", json={"model_name": "tiny", "ctx_size": 256}).json()
+    assert first["status"] == "success" and first["action"] == "loaded" and first["model_name"] == "tiny"
+    again = http.post("/load", json={"model_name": "tiny", "ctx_size": 256}).json()
+    assert again["action"] == "noop" and again["pid"] == first["pid"]
+    assert served.router.spawn_count == 1
+    bigger = http.post("/load", json={"model_name": "tiny", "ctx_size": 512}).json()
+    assert bigger["action"] == "reloaded" and bigger["pid"] != first["pid"]
+    assert not alive(first["pid"]) and alive(bigger["pid"])
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["pid"] == bigger["pid"] and entry["recipe_options"]["ctx_size"] == 512
+
+
+def test_inference_auto_loads_with_ctx_size_and_never_reloads(served: Served) -> None:
+    http = served.http
+    r = http.post("/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 2,
+                                             "ctx_size": 512, "temperature": 0.5})
+    assert r.status_code == 200
+    pid = served.pid("tiny")
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["recipe_options"]["ctx_size"] == 512 and "temperature" not in entry["recipe_options"]
+    r = http.post("/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "ctx_size": 1024})
+    assert r.status_code == 200 and served.pid("tiny") == pid  # auto-load never reloads
+    load = http.post("/load", json={"model_name": "tiny", "ctx_size": 512}).json()
+    assert load["action"] == "noop" and load["pid"] == pid  # Lemonade's test_012c, by pid
+
+
+def test_health_lists_the_loaded_model(served: Served) -> None:
+    http = served.http
+    assert http.get("/health").json()["model_loaded"] is None
+    load = http.post("/load", json={"model_name": "user.tiny"}).json()
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model_loaded"] == "tiny"
+    assert health["max_models"]["llm"] == 1
+    [entry] = health["all_models_loaded"]
+    assert entry["model_name"] == "tiny" and entry["pid"] == load["pid"]
+    assert entry["checkpoint"].endswith("tiny-a.gguf") and entry["type"] == "llm"
+    assert entry["recipe"] == "llamacpp" and entry["device"] == "cpu" and entry["is_busy"] is False
+    assert httpx.get(entry["backend_url"] + "/models", timeout=10, trust_env=False).status_code == 200
+    assert http.head("/health").status_code == 200
+
+
+def test_unload_one_then_all(served: Served) -> None:
+    http = served.http
+    a = http.post("/load", json={"model_name": "tiny"}).json()
+    r = http.post("/unload", json={"model_name": "tiny"})
+    assert r.status_code == 200 and r.json()["model_name"] == "tiny" and not alive(a["pid"])
+    r = http.post("/unload", json={"model_name": "tiny"})
+    assert r.status_code == 404 and r.json() == {"error": "Model not loaded: tiny"}
+    assert http.post("/unload", json={"model_name": "no-such"}).status_code == 404
+    b = http.post("/load", json={"model_name": "tiny-b"}).json()
+    r = http.post("/unload")
+    assert r.status_code == 200 and r.json()["message"] == "All models unloaded successfully"
+    assert not alive(b["pid"]) and http.get("/health").json()["all_models_loaded"] == []
+
+
+def test_1603_concurrent_loads_of_a_cold_model_spawn_once(served: Served) -> None:
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def load(_: int) -> httpx.Response:
+        with httpx.Client(base_url=served.url, timeout=60, trust_env=False) as http:
+            barrier.wait()
+            return http.post("/load", json={"model_name": "tiny", "ctx_size": 256})
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(load, range(n)))
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.json()["pid"] for r in answers}) == 1
+    assert served.router.spawn_count == 1
+    assert served.http.post("/load", json={"model_name": "tiny", "ctx_size": 256}).json()["action"] == "noop"
+
+
+# ----------------------------------------------------------------- bad requests
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "needle"), [
+    ("/load", {"content": b""}, 400, "empty"),
+    ("/load", {"content": b"{bad"}, 400, "Invalid JSON"),
+    ("/load", {"content": b"\xff\xfe"}, 400, "Invalid JSON"),
+    ("/load", {"json": [1, 2]}, 400, "JSON object"),
+    ("/load", {"json": {}}, 400, "model_name"),
+    ("/load", {"json": {"model_name": 7}}, 400, "model_name"),
+    ("/load", {"json": {"model_name": "tiny", "ctx_size": -5}}, 400, "ctx_size"),
+    ("/load", {"json": {"model_name": "tiny", "ctx_size": "big"}}, 400, "ctx_size"),
+    ("/load", {"json": {"model_name": "tiny", "llamacpp_args": "--foo; rm"}}, 400, "shell"),
+    ("/load", {"json": {"model_name": "tiny", "llamacpp_backend": "rocm"}}, 400, "rocm"),
+    ("/load", {"json": {"model_name": "no-such"}}, 404, "model_not_found"),
+    ("/load", {"json": {"model_name": "/etc/passwd"}}, 404, "model_not_found"),
+    ("/chat/completions", {"json": {"model": "tiny", "messages": []}}, 400, "message"),
+    ("/chat/completions", {"json": {"model": "tiny", "messages": CHAT, "stream": "yes"}}, 400, "stream"),
+    ("/chat/completions", {"json": {"messages": CHAT}}, 400, "No model loaded"),
+    ("/completions", {"json": {"model": "tiny", "prompt": " "}}, 400, "prompt"),
+    ("/completions", {"json": {"model": ["tiny"], "prompt": "x"}}, 404, "model_not_found"),
+    ("/completions", {"content": b"null"}, 400, "JSON object"),
+])
+def test_bad_bodies_get_a_clear_error_and_load_nothing(served: Served, path: str, kwargs: dict[str, object],
+                                                       status: int, needle: str) -> None:
+    r = served.http.post(path, **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    assert served.router.spawn_count == 0 and served.http.get("/health").status_code == 200
+
+
+def test_wrong_method_is_405_and_unknown_path_is_404(served: Served) -> None:
+    for prefix in ("/api/v0", "/api/v1", "/v0", "/v1"):
+        root = served.url.removesuffix("/api/v1") + prefix
+        for route in ("load", "unload", "chat/completions", "completions"):
+            r = served.http.get(f"{root}/{route}")
+            assert r.status_code == 405 and r.json() == {
+                "error": "Method Not Allowed. Use POST for this endpoint"}
+            assert served.http.head(f"{root}/{route}").status_code == 405
+        assert served.http.get(f"{root}/health").json()["status"] == "ok"
+    r = served.http.get("/nonexistent")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+
+
+def test_models_lists_present_files_and_show_all_everything(served: Served, tiny_model: str,
+                                                            tmp_path: Path) -> None:
+    gone = tmp_path / "gone.gguf"
+    gone.write_bytes(Path(tiny_model).read_bytes())
+    served.router.register("gone", gone)
+    gone.unlink()
+    ids = {m["id"] for m in served.http.get("/models").json()["data"]}
+    assert "tiny" in ids and "gone" not in ids
+    every = {m["id"]: m for m in served.http.get("/models", params={"show_all": "true"}).json()["data"]}
+    assert every["gone"]["downloaded"] is False
+    assert served.http.get("/models/user.tiny").json()["id"] == "tiny"
+    served.router.unregister("gone")
+
+
+def test_malformed_raw_requests_get_400_and_the_server_keeps_serving(served: Served) -> None:
+    host = urlsplit(served.url).netloc.encode()
+    bad_json = b'{"model_name": "tiny"'
+    answer = _raw(served.url, b"POST /api/v1/load HTTP/1.1\r\nHost: " + host +
+                  b"\r\nContent-Type: application/json\r\nContent-Length: " +
+                  str(len(bad_json)).encode() + b"\r\n\r\n" + bad_json)
+    assert answer.startswith(b"HTTP/1.1 400") and b"Invalid JSON" in answer
+    truncated = _raw(served.url, b"POST /api/v1/load HTTP/1.1\r\nHost: " + host +
+                     b"\r\nContent-Length: 100\r\n\r\n{\"model_name\"", shut_write=True)
+    assert truncated == b"" or truncated.startswith(b"HTTP/1.1 400")
+    garbage = _raw(served.url, b"NOT HTTP AT ALL\r\n\r\n", shut_write=True)
+    assert garbage == b"" or garbage.startswith(b"HTTP/1.1 400")
+    assert served.http.get("/health").status_code == 200
+    assert served.router.spawn_count == 0
+
+
+def test_a_client_gone_mid_stream_releases_the_model(served: Served) -> None:
+    with served.http.stream("POST", "/completions", json={"model": "tiny", "prompt": "x",
+                                                          "max_tokens": 200, "stream": True}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    served.http.post("/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    [status] = served.router.status()
+    assert status.requests_in_flight == 0 and status.state is ModelState.READY
+
+
+# ----------------------------------------------------------------- lifetime
+
+def test_stop_serving_closes_the_socket_and_keeps_the_router(served: Served) -> None:
+    load = served.http.post("/load", json={"model_name": "tiny"}).json()
+    parts = urlsplit(served.url)
+    assert served.router.base_url == served.url
+    assert served.router.stop_serving() is True
+    assert served.router.base_url is None and served.router.stop_serving() is False
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(served.url + "/health", timeout=5, trust_env=False)
+    assert served.pid("tiny") == load["pid"] and alive(load["pid"])
+    again = served.router.serve(port=0)
+    assert again != served.url or parts.port is not None
+    r = httpx.post(again + "/load", json={"model_name": "tiny"}, timeout=30, trust_env=False)
+    assert r.json()["action"] == "noop" and r.json()["pid"] == load["pid"]
+    served.router.stop_serving()
+
+
+def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Path) -> None:
+    Registry().register("tiny", tiny_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "lemon_magic", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/api/v1" in line, line
+        url = f"http://127.0.0.1:{port}/api/v1"
+        load = httpx.post(url + "/load", json={"model_name": "tiny", "ctx_size": 256}, timeout=60,
+                          trust_env=False).json()
+        assert load["action"] == "loaded" and alive(load["pid"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
+        assert not alive(load["pid"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        Registry().unregister("tiny")
+    wait_no_backends()
