@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -461,22 +461,33 @@ class AsyncRouter:
 
     # ----------------------------------------------------------------- serving over HTTP
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 13305) -> str:
+    async def serve(self, host: str = "127.0.0.1", port: int = 13305, *,
+                    api_key: str | None = None, allowed_origins: Sequence[str] = (),
+                    allowed_hosts: Sequence[str] = ()) -> str:
         """Serve the Lemonade- and OpenAI-compatible API on ``host:port`` from this router's
         loop (``port`` 0: any free port); returns the base URL. Serving again first stops the
         running server.
 
+        :param api_key: required from clients as ``Authorization: Bearer <key>``; binding a
+            host that is not loopback requires one.
+        :param allowed_origins: browser origins allowed besides the server's own.
+        :param allowed_hosts: ``Host`` names allowed besides loopback and the bound address.
+        :raises InvalidOptions: a host that is not loopback, with no API key.
         :raises OSError: the address cannot be bound.
         """
         from lemon_magic import __version__
+        from lemon_magic.server._guard import Security, check_binding
         from lemon_magic.server.app import create_app
         from lemon_magic.server.serve import start
 
         if self._closed:
             raise RouterClosed()
         assert self._tg is not None
+        security = Security.of(api_key, allowed_origins, allowed_hosts)
+        check_binding(host, security)
         await self.stop_serving()
-        self._serving = await start(create_app(self, version=__version__), host, port, self._tg)
+        app = create_app(self, version=__version__, security=security, bound_host=host)
+        self._serving = await start(app, host, port, self._tg)
         return self._serving.info.base_url
 
     async def stop_serving(self) -> bool:

@@ -418,13 +418,17 @@ class Router:
 
     # ---------------------------------------------------------------- serving over HTTP
 
-    def serve(self, host: str = "127.0.0.1", port: int = 13305) -> str:
+    def serve(self, host: str = "127.0.0.1", port: int = 13305, *, api_key: str | None = None,
+              allowed_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = ()) -> str:
         """Serve the Lemonade- and OpenAI-compatible API from this router's loop (``port`` 0:
-        any free port); returns the base URL (OpenAI's ``base_url``).
+        any free port); returns the base URL (OpenAI's ``base_url``). See
+        :meth:`AsyncRouter.serve` for the security options.
 
+        :raises InvalidOptions: a host that is not loopback, with no API key.
         :raises OSError: the address cannot be bound.
         """
-        return self._call(self._async.serve, host, port)
+        return self._call(self._async.serve, host, port, api_key=api_key,
+                          allowed_origins=allowed_origins, allowed_hosts=allowed_hosts)
 
     def stop_serving(self) -> bool:
         """Close the HTTP socket; the router and its backends stay as they are. Returns whether

@@ -330,3 +330,61 @@ def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Pa
         log.close()
         Registry().unregister("tiny")
     wait_no_backends()
+
+
+# ----------------------------------------------------------------- who may call
+
+def test_a_foreign_host_header_is_refused(served: Served) -> None:
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 sends its own Host."""
+    port = urlsplit(served.url).port
+    r = served.http.get("/health", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]
+    r = served.http.post("/load", json={"model_name": "tiny"}, headers={"Host": "evil.example"})
+    assert r.status_code == 403 and served.router.spawn_count == 0
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert served.http.get("/health", headers={"Host": host}).status_code == 200
+
+
+def test_cross_origin_requests_are_refused_unless_allowed(served: Served) -> None:
+    port = urlsplit(served.url).port
+    r = served.http.post("/load", json={"model_name": "tiny"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.json() == {"error": "Origin not allowed"}
+    assert r.headers["vary"] == "Origin" and served.router.spawn_count == 0
+    own = f"http://127.0.0.1:{port}"
+    r = served.http.get("/health", headers={"Origin": own})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == own
+    r = served.http.options("/load", headers={"Origin": own, "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and "POST" in r.headers["access-control-allow-methods"]
+    assert "Authorization" in r.headers["access-control-allow-headers"]
+    url = served.router.serve(port=0, allowed_origins=["http://localhost:8888"])
+    r = httpx.get(url + "/health", headers={"Origin": "http://localhost:8888"}, trust_env=False)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:8888"
+    r = httpx.get(url + "/health", headers={"Origin": "http://localhost:9999"}, trust_env=False)
+    assert r.status_code == 403
+
+
+def test_an_api_key_is_required_when_set_and_for_other_hosts(served: Served) -> None:
+    from lemon_magic import InvalidOptions
+
+    with pytest.raises(InvalidOptions, match="API key"):
+        served.router.serve("0.0.0.0", port=0)
+    assert served.router.base_url == served.url  # nothing changed
+    url = served.router.serve("0.0.0.0", port=0, api_key="s3cret")
+    local = url.replace("0.0.0.0", "127.0.0.1")
+    assert httpx.get(local + "/health", trust_env=False).status_code == 401
+    r = httpx.get(local + "/health", headers={"Authorization": "Bearer wrong"}, trust_env=False)
+    assert r.status_code == 401 and r.json() == {"error": "Invalid or missing API key"}
+    client = openai.OpenAI(base_url=local, api_key="s3cret", max_retries=0, timeout=60)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=local, api_key="nope", max_retries=0).models.list()
+    assert httpx.options(local + "/load", trust_env=False).status_code == 204  # preflights carry no key
+
+
+def test_cli_refuses_a_public_host_without_a_key() -> None:
+    done = subprocess.run([sys.executable, "-m", "lemon_magic", "serve", "--host", "0.0.0.0",
+                           "--port", "0"], capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items()
+                                  if k not in ("LEMON_MAGIC_API_KEY", "LEMONADE_API_KEY")},
+                               "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 1 and "API key" in done.stderr

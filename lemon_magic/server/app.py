@@ -43,6 +43,7 @@ from lemon_magic.errors import (
     WaitTimeout,
 )
 from lemon_magic.options import LoadOptions
+from lemon_magic.server._guard import Guard, Security
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
@@ -442,21 +443,25 @@ def _routes(api: _Api) -> list[BaseRoute]:
 
 @dataclass(frozen=True)
 class App:
-    """The ASGI app and its request counter."""
+    """The ASGI app, its request counter and its guard (layers, outermost first:
+    counter → guard → Starlette's exception handling → routes)."""
 
     asgi: ASGIApp
     counter: _Counter
+    guard: Guard
 
     @property
     def requests_served(self) -> int:
         return self.counter.served
 
 
-def create_app(router: AsyncRouter, *, version: str) -> App:
+def create_app(router: AsyncRouter, *, version: str, security: Security | None = None,
+               bound_host: str = "127.0.0.1") -> App:
     """The API over ``router`` (its handlers must run on the router's loop)."""
     api = _Api(router, version)
     app = Starlette(routes=_routes(api), exception_handlers={
         404: _not_found, HTTPException: _http_error, BadRequest: _bad_request,
         ClientDisconnect: _disconnected})
-    counter = _Counter(app)
-    return App(counter, counter)
+    guard = Guard(app, security or Security(), bound_host)
+    counter = _Counter(guard)
+    return App(counter, counter, guard)

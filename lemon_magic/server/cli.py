@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 import anyio
 
+from lemon_magic.errors import InvalidOptions
 from lemon_magic.server.serve import DEFAULT_PORT
 
 __all__ = ("main",)
@@ -30,16 +32,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port to bind (default: {DEFAULT_PORT}; 0: any free port)")
+    serve.add_argument("--api-key", default=None,
+                       help="required from clients as 'Authorization: Bearer KEY' (default: "
+                       "$LEMON_MAGIC_API_KEY, then $LEMONADE_API_KEY); needed for a host that is "
+                       "not loopback")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a browser origin allowed to call the API (repeatable)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, api_key: str | None, origins: list[str]) -> None:
     from lemon_magic.router import AsyncRouter
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with AsyncRouter() as router:
-            url = await router.serve(host, port)
+            url = await router.serve(host, port, api_key=api_key, allowed_origins=origins)
             print(f"serving {url} (OpenAI base URL: {url})", flush=True)
             async for signum in signals:
                 logging.getLogger("lemon_magic.server").info(
@@ -52,9 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    api_key = args.api_key or os.environ.get("LEMON_MAGIC_API_KEY") or \
+        os.environ.get("LEMONADE_API_KEY")
     try:
-        anyio.run(_serve, args.host, args.port, backend="asyncio")
-    except OSError as exc:
+        anyio.run(_serve, args.host, args.port, api_key, args.allow_origin, backend="asyncio")
+    except (OSError, InvalidOptions) as exc:
         print(f"lemon-magic: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -121,6 +121,7 @@ async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup) -> Serv
     """
     sock = _bind(host, port)
     serving = Serving(app, sock, host)
+    app.guard.port = serving.port
     tg.start_soon(serving.run)
     while not serving.server.started and not serving.stopped.is_set():
         await anyio.sleep(0.005)
