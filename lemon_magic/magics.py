@@ -423,6 +423,22 @@ class LemonMagics(Magics):
         print(f"unregistered {args.name}" + (f" (unloaded pid {unloaded.pid})" if unloaded and
                                               unloaded.pid else ""))
 
+    @_no_abbrev
+    @magic_arguments()
+    @argument("--port", type=int, default=13305, help="port on 127.0.0.1 (default 13305; 0: any)")
+    @argument("--stop", action="store_true", help="stop serving (the models stay loaded)")
+    @line_magic
+    def lemon_serve(self, line: str) -> None:
+        """Serve this router's Lemonade- and OpenAI-compatible HTTP API (README: Serving over HTTP).
+
+        In [1]: %lemon_serve
+        serving http://127.0.0.1:13305/api/v1 (OpenAI base URL: http://127.0.0.1:13305/api/v1)
+        """
+        from lemon_magic.server._magic import serve_line
+
+        args = _parse(self.lemon_serve, line)
+        print(serve_line(self.router, args.port, args.stop))
+
     @line_magic
     def lemon_panel(self, line: str) -> Any:
         """Show the kernel's panel: live model rows and a load form that warns before a reload.
@@ -450,7 +466,7 @@ class LemonMagics(Magics):
 
 
 MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
-               "lemon_logs", "lemon_register", "lemon_unregister", "lemon_panel")
+               "lemon_logs", "lemon_register", "lemon_unregister", "lemon_serve", "lemon_panel")
 _panel: Any = None  # the kernel's panel (one per kernel)
 
 

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 
-from lemon_magic import ModelState, Router
+from lemon_magic import ModelState, Router, get_router
 from lemon_magic.registry import Registry
 from tests.conftest import alive, wait_no_backends
 
@@ -301,6 +302,20 @@ def test_stop_serving_closes_the_socket_and_keeps_the_router(served: Served) -> 
     r = httpx.post(again + "/load", json={"model_name": "tiny"}, timeout=30, trust_env=False)
     assert r.json()["action"] == "noop" and r.json()["pid"] == load["pid"]
     served.router.stop_serving()
+
+
+def test_lemon_serve_magic_serves_the_kernels_router_and_stops(
+        ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    ip.run_line_magic("lemon_serve", "--port 0")
+    line = capsys.readouterr().out.strip()
+    url = get_router().base_url
+    assert url is not None and line.startswith(f"serving {url}")
+    assert httpx.get(url + "/health", trust_env=False).json()["status"] == "ok"
+    ip.run_line_magic("lemon_serve", "--stop")
+    assert capsys.readouterr().out.startswith(f"stopped serving {url}")
+    assert get_router().base_url is None
+    ip.run_line_magic("lemon_serve", "--stop")
+    assert capsys.readouterr().out.strip() == "not serving"
 
 
 def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Path) -> None:
