@@ -463,7 +463,7 @@ class AsyncRouter:
 
     async def serve(self, host: str = "127.0.0.1", port: int = 13305, *,
                     api_key: str | None = None, allowed_origins: Sequence[str] = (),
-                    allowed_hosts: Sequence[str] = ()) -> str:
+                    allowed_hosts: Sequence[str] = (), allow_any_args: bool = False) -> str:
         """Serve the Lemonade- and OpenAI-compatible API on ``host:port`` from this router's
         loop (``port`` 0: any free port); returns the base URL. Serving again first stops the
         running server.
@@ -472,6 +472,8 @@ class AsyncRouter:
             host that is not loopback requires one.
         :param allowed_origins: browser origins allowed besides the server's own.
         :param allowed_hosts: ``Host`` names allowed besides loopback and the bound address.
+        :param allow_any_args: let HTTP clients pass backend flags that touch files, the
+            network or run commands in ``llamacpp_args`` (refused by default).
         :raises InvalidOptions: a host that is not loopback, with no API key.
         :raises OSError: the address cannot be bound.
         """
@@ -483,7 +485,7 @@ class AsyncRouter:
         if self._closed:
             raise RouterClosed()
         assert self._tg is not None
-        security = Security.of(api_key, allowed_origins, allowed_hosts)
+        security = Security.of(api_key, allowed_origins, allowed_hosts, allow_any_args)
         check_binding(host, security)
         await self.stop_serving()
         app = create_app(self, version=__version__, security=security, bound_host=host)

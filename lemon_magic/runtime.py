@@ -419,7 +419,8 @@ class Router:
     # ---------------------------------------------------------------- serving over HTTP
 
     def serve(self, host: str = "127.0.0.1", port: int = 13305, *, api_key: str | None = None,
-              allowed_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = ()) -> str:
+              allowed_origins: Sequence[str] = (), allowed_hosts: Sequence[str] = (),
+              allow_any_args: bool = False) -> str:
         """Serve the Lemonade- and OpenAI-compatible API from this router's loop (``port`` 0:
         any free port); returns the base URL (OpenAI's ``base_url``). See
         :meth:`AsyncRouter.serve` for the security options.
@@ -428,7 +429,8 @@ class Router:
         :raises OSError: the address cannot be bound.
         """
         return self._call(self._async.serve, host, port, api_key=api_key,
-                          allowed_origins=allowed_origins, allowed_hosts=allowed_hosts)
+                          allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
+                          allow_any_args=allow_any_args)
 
     def stop_serving(self) -> bool:
         """Close the HTTP socket; the router and its backends stay as they are. Returns whether

@@ -233,6 +233,37 @@ def test_bad_bodies_get_a_clear_error_and_load_nothing(served: Served, path: str
     assert served.router.spawn_count == 0 and served.http.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("args", [
+    "--log-file /tmp/x.log", "--slot-save-path /tmp", "--lora /tmp/a.gguf", "--model-url http://x",
+    "-hf a/b", "--chat-template-file /etc/passwd", "--tools=exec_shell_command", "--rpc 1.2.3.4:5",
+    "--api-key-file /etc/shadow", "--media-path /", "--path /", "--mmproj /tmp/p.gguf",
+    "--control-vector /tmp/v", "--grammar-file /etc/passwd", "--log-prompts-dir /tmp",
+])
+def test_backend_flags_that_touch_files_or_the_network_are_refused(served: Served, args: str) -> None:
+    r = served.http.post("/load", json={"model_name": "tiny", "llamacpp_args": args})
+    assert r.status_code == 400 and "may not set" in r.text, r.text
+    assert served.router.spawn_count == 0
+
+
+@pytest.mark.parametrize("args", ["-m /etc/passwd", "--port 1", "--host 0.0.0.0", "--model-url=http://x"])
+def test_reserved_flags_stay_reserved_even_with_the_opt_in(served: Served, args: str) -> None:
+    url = served.router.serve(port=0, allow_any_args=True)
+    r = httpx.post(url + "/load", json={"model_name": "tiny", "llamacpp_args": args}, trust_env=False)
+    assert r.status_code == 400 and "may not set" in r.text
+    assert served.router.spawn_count == 0
+
+
+def test_tuning_flags_pass_and_the_opt_in_lets_others_through(served: Served, tmp_path: Path) -> None:
+    r = served.http.post("/load", json={"model_name": "tiny", "llamacpp_args": "--seed -1 -b 64"})
+    assert r.status_code == 200, r.text
+    assert r.json()["pid"] and served.router.status()[0].options.extra_args == ("--seed", "-1", "-b", "64")  # type: ignore[union-attr]
+    log = tmp_path / "backend.log"
+    url = served.router.serve(port=0, allow_any_args=True)
+    r = httpx.post(url + "/load", json={"model_name": "tiny", "llamacpp_args": f"--log-file {log}"},
+                   timeout=60, trust_env=False)
+    assert r.status_code == 200 and r.json()["action"] == "reloaded"
+
+
 def test_wrong_method_is_405_and_unknown_path_is_404(served: Served) -> None:
     for prefix in ("/api/v0", "/api/v1", "/v0", "/v1"):
         root = served.url.removesuffix("/api/v1") + prefix

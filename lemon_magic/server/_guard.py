@@ -62,12 +62,14 @@ class Security:
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
     #: ``Host`` names allowed besides loopback names and the bound address
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    #: let HTTP clients pass any backend flag in ``llamacpp_args`` (see ``_args``)
+    allow_any_args: bool = False
 
     @classmethod
     def of(cls, api_key: str | None = None, allowed_origins: Iterable[str] = (),
-           allowed_hosts: Iterable[str] = ()) -> Security:
+           allowed_hosts: Iterable[str] = (), allow_any_args: bool = False) -> Security:
         return cls(api_key or None, frozenset(o.rstrip("/") for o in allowed_origins),
-                   frozenset(h.lower() for h in allowed_hosts))
+                   frozenset(h.lower() for h in allowed_hosts), allow_any_args)
 
 
 def check_binding(host: str, security: Security) -> None:

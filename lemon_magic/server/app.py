@@ -43,6 +43,7 @@ from lemon_magic.errors import (
     WaitTimeout,
 )
 from lemon_magic.options import LoadOptions
+from lemon_magic.server._args import check_http_args
 from lemon_magic.server._guard import Guard, Security
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class _Api:
 
     router: AsyncRouter
     version: str
+    security: Security
 
     # ------------------------------------------------------------- names
 
@@ -271,8 +273,10 @@ class _Api:
                             "default options instead")
         try:
             name = self._name(model)
-            result = await self.router.ensure_loaded(name, _lemonade_options(body, _LOAD_KEYS),
-                                                     explicit=True,
+            options = _lemonade_options(body, _LOAD_KEYS)
+            if options.extra_args and not self.security.allow_any_args:
+                check_http_args(options.extra_args)
+            result = await self.router.ensure_loaded(name, options, explicit=True,
                                                      pin=pinned if isinstance(pinned, bool) else None)
         except LemonError as exc:
             return error_response(exc)
@@ -458,10 +462,11 @@ class App:
 def create_app(router: AsyncRouter, *, version: str, security: Security | None = None,
                bound_host: str = "127.0.0.1") -> App:
     """The API over ``router`` (its handlers must run on the router's loop)."""
-    api = _Api(router, version)
+    security = security or Security()
+    api = _Api(router, version, security)
     app = Starlette(routes=_routes(api), exception_handlers={
         404: _not_found, HTTPException: _http_error, BadRequest: _bad_request,
         ClientDisconnect: _disconnected})
-    guard = Guard(app, security or Security(), bound_host)
+    guard = Guard(app, security, bound_host)
     counter = _Counter(guard)
     return App(counter, counter, guard)

@@ -38,16 +38,21 @@ def _parser() -> argparse.ArgumentParser:
                        "not loopback")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="a browser origin allowed to call the API (repeatable)")
+    serve.add_argument("--allow-any-backend-args", action="store_true",
+                       help="let clients pass llamacpp_args flags that touch files, the network "
+                       "or run commands (refused by default)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-async def _serve(host: str, port: int, api_key: str | None, origins: list[str]) -> None:
+async def _serve(host: str, port: int, api_key: str | None, origins: list[str],
+                 any_args: bool) -> None:
     from lemon_magic.router import AsyncRouter
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with AsyncRouter() as router:
-            url = await router.serve(host, port, api_key=api_key, allowed_origins=origins)
+            url = await router.serve(host, port, api_key=api_key, allowed_origins=origins,
+                                     allow_any_args=any_args)
             print(f"serving {url} (OpenAI base URL: {url})", flush=True)
             async for signum in signals:
                 logging.getLogger("lemon_magic.server").info(
@@ -63,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     api_key = args.api_key or os.environ.get("LEMON_MAGIC_API_KEY") or \
         os.environ.get("LEMONADE_API_KEY")
     try:
-        anyio.run(_serve, args.host, args.port, api_key, args.allow_origin, backend="asyncio")
+        anyio.run(_serve, args.host, args.port, api_key, args.allow_origin,
+                  args.allow_any_backend_args, backend="asyncio")
     except (OSError, InvalidOptions) as exc:
         print(f"lemon-magic: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
