@@ -3,12 +3,14 @@ on real llama.cpp backends: the same load contract as the Python API."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -264,6 +266,14 @@ def test_tuning_flags_pass_and_the_opt_in_lets_others_through(served: Served, tm
     assert r.status_code == 200 and r.json()["action"] == "reloaded"
 
 
+def test_a_huge_body_is_refused_unread(served: Served) -> None:
+    from lemon_magic.server.app import MAX_BODY
+
+    r = served.http.post("/load", content=b"x" * (MAX_BODY + 1))
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+    assert served.http.get("/health").status_code == 200
+
+
 def test_wrong_method_is_405_and_unknown_path_is_404(served: Served) -> None:
     for prefix in ("/api/v0", "/api/v1", "/v0", "/v1"):
         root = served.url.removesuffix("/api/v1") + prefix
@@ -347,6 +357,34 @@ def test_lemon_serve_magic_serves_the_kernels_router_and_stops(
     assert get_router().base_url is None
     ip.run_line_magic("lemon_serve", "--stop")
     assert capsys.readouterr().out.strip() == "not serving"
+
+
+def test_stop_serving_during_a_stream_is_bounded_and_releases_the_model(served: Served) -> None:
+    with served.http.stream("POST", "/completions", json={"model": "tiny", "prompt": "x",
+                                                          "max_tokens": 100000, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(lines)
+        began = time.monotonic()
+        served.router.stop_serving()  # graceful: the stream may finish, for 5 s at most
+        assert time.monotonic() - began < 8
+        with contextlib.suppress(httpx.HTTPError):
+            list(lines)
+    [status] = served.router.status()
+    assert status.requests_in_flight == 0 and status.state is ModelState.READY
+
+
+def test_closing_the_router_stops_serving_and_every_backend(make_router: Callable[..., Router],
+                                                            tiny_model: str) -> None:
+    router = make_router()
+    router.register("tiny", tiny_model)
+    url = router.serve(port=0)
+    load = httpx.post(url + "/load", json={"model_name": "tiny"}, timeout=60, trust_env=False).json()
+    router.close()
+    Registry().unregister("tiny")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=5, trust_env=False)
+    assert not alive(load["pid"])
 
 
 def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Path) -> None:
