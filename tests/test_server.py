@@ -472,3 +472,17 @@ def test_cli_refuses_a_public_host_without_a_key() -> None:
                                   if k not in ("LEMON_MAGIC_API_KEY", "LEMONADE_API_KEY")},
                                "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.returncode == 1 and "API key" in done.stderr
+
+
+def test_load_errors_keep_lemonades_codes(served: Served) -> None:
+    http = served.http
+    r = http.post("/load", json={"model_name": "tiny", "llamacpp_args": "--numa bogus"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_error"
+    assert "Failed to load model 'tiny'" in r.json()["error"]["message"]
+    assert http.post("/load", json={"model_name": "tiny", "pinned": True}).status_code == 200
+    r = http.post("/load", json={"model_name": "tiny-b"})  # one llm slot, held by a pinned model
+    assert r.status_code == 409 and r.json()["error"]["code"] == "slots_pinned_error"
+    r = http.post("/chat/completions", json={"model": "tiny-b", "messages": CHAT})
+    assert r.status_code == 409
+    assert http.post("/unload", json={"model_name": ""}).status_code == 404  # not "unload all"
+    assert [e["model_name"] for e in http.get("/health").json()["all_models_loaded"]] == ["tiny"]

@@ -234,9 +234,9 @@ class _Api:
         })
 
     def _loaded_entry(self, s: ModelStatus) -> dict[str, Any]:
-        spec_path = next((e.path for e in self.router.models() if e.name == s.name), s.name)
         return {
-            "model_name": s.name, "checkpoint": spec_path, "type": s.kind, "device": "cpu",
+            "model_name": s.name, "checkpoint": s.options.model_path if s.options else None,
+            "type": s.kind, "device": "cpu",
             "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
             "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
             "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": _recipe_options(s),
@@ -295,8 +295,9 @@ class _Api:
             if exc.status == 413:
                 raise
             body = None  # as in Lemonade: a body that is not JSON means "unload all"
-        model = (body or {}).get("model_name") or (body or {}).get("model")
-        if model is None:
+        body = body or {}
+        model = body.get("model_name", body.get("model"))
+        if "model_name" not in body and "model" not in body:
             await self.router.unload_all()
             return JSONResponse({"status": "success", "message": "All models unloaded successfully"})
         try:

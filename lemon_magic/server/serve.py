@@ -76,8 +76,11 @@ class Serving:
         return ServingInfo(self.host, self.port, base, self.app.requests_served)
 
     async def run(self) -> None:
+        """uvicorn's whole life; a failure ends the server, never the router's task group."""
         try:
             await self.server.serve(sockets=[self.sock])
+        except Exception:
+            log.exception("[server] the HTTP server on port %d failed", self.port)
         finally:
             self.sock.close()
             self.stopped.set()
