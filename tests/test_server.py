@@ -4,6 +4,7 @@ on real llama.cpp backends: the same load contract as the Python API."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,8 +23,28 @@ import openai
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from lemon_magic import ModelState, Router, get_router
+from lemon_magic import (
+    BackendCrashed,
+    BackendExited,
+    BackendUnavailable,
+    HealthCheckTimeout,
+    InferenceError,
+    InvalidModelFile,
+    InvalidOptions,
+    LemonError,
+    LoadCancelled,
+    ModelNotFound,
+    ModelNotLoaded,
+    ModelState,
+    NotEnoughMemory,
+    RequestTimeout,
+    Router,
+    SlotsFull,
+    WaitTimeout,
+    get_router,
+)
 from lemon_magic.registry import Registry
+from lemon_magic.server.app import error_response
 from tests.conftest import alive, wait_no_backends
 
 pytestmark = pytest.mark.real
@@ -448,8 +469,6 @@ def test_cross_origin_requests_are_refused_unless_allowed(served: Served) -> Non
 
 
 def test_an_api_key_is_required_when_set_and_for_other_hosts(served: Served) -> None:
-    from lemon_magic import InvalidOptions
-
     with pytest.raises(InvalidOptions, match="API key"):
         served.router.serve("0.0.0.0", port=0)
     assert served.router.base_url == served.url  # nothing changed
@@ -486,3 +505,33 @@ def test_load_errors_keep_lemonades_codes(served: Served) -> None:
     assert r.status_code == 409
     assert http.post("/unload", json={"model_name": ""}).status_code == 404  # not "unload all"
     assert [e["model_name"] for e in http.get("/health").json()["all_models_loaded"]] == ["tiny"]
+
+
+def test_health_recipe_options_replay_as_a_noop_load(served: Served) -> None:
+    first = served.http.post("/load", json={"model_name": "tiny", "ctx_size": 512,
+                                            "llamacpp_args": "-b 64"}).json()
+    [entry] = served.http.get("/health").json()["all_models_loaded"]
+    again = served.http.post("/load", json={"model_name": "tiny", **entry["recipe_options"]}).json()
+    assert again["action"] == "noop" and again["pid"] == first["pid"]
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    (ModelNotFound("m"), 404, "model_not_found"),
+    (InvalidOptions("bad"), 400, "invalid_request_error"),
+    (SlotsFull("full", model="m"), 409, "slots_pinned_error"),
+    (BackendExited("m", 1, "at start"), 500, "model_load_error"),
+    (HealthCheckTimeout("m", 1.0), 500, "model_load_error"),
+    (LoadCancelled("cancelled", model="m"), 500, "model_load_error"),
+    (NotEnoughMemory("no room", model="m"), 500, "model_load_error"),
+    (InvalidModelFile("/x.gguf", "is not GGUF", model="m"), 500, "model_load_error"),
+    (BackendUnavailable("no llama-server"), 500, "model_load_error"),
+    (BackendCrashed("m", -9), 500, "inference_error"),
+    (InferenceError("backend answered HTTP 400", model="m"), 500, "inference_error"),
+    (RequestTimeout("slow", model="m"), 504, "timeout"),
+    (WaitTimeout("slow", model="m"), 504, "timeout"),
+])
+def test_every_router_error_has_one_http_answer(error: LemonError, status: int, code: str) -> None:
+    r = error_response(error)
+    assert r.status_code == status
+    assert json.loads(bytes(r.body))["error"]["code"] == code
+    assert json.loads(bytes(error_response(ModelNotLoaded("m")).body)) == {"error": "Model not loaded: m"}

@@ -157,10 +157,9 @@ def _lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOption
         device = given("llamacpp_backend")
         if device not in (None, "cpu"):
             raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
-    for ours, theirs in (("backend", "backend"), ("threads", "threads"),
-                         ("chat_template", "chat_template")):
-        if theirs in keys:
-            wanted[ours] = given(theirs)
+    for key in ("backend", "threads", "chat_template"):  # ours, named as in LoadOptions
+        if key in keys:
+            wanted[key] = given(key)
     return LoadOptions(**wanted)
 
 
