@@ -319,6 +319,7 @@ def test_models_lists_present_files_and_show_all_everything(served: Served, tiny
     every = {m["id"]: m for m in served.http.get("/models", params={"show_all": "true"}).json()["data"]}
     assert every["gone"]["downloaded"] is False
     assert served.http.get("/models/user.tiny").json()["id"] == "tiny"
+    assert served.http.get("/models/tiny:latest").json()["id"] == "tiny"
     served.router.unregister("gone")
 
 
@@ -535,3 +536,31 @@ def test_every_router_error_has_one_http_answer(error: LemonError, status: int, 
     assert r.status_code == status
     assert json.loads(bytes(r.body))["error"]["code"] == code
     assert json.loads(bytes(error_response(ModelNotLoaded("m")).body)) == {"error": "Model not loaded: m"}
+
+
+def test_requests_during_reloads_wait_and_succeed(served: Served) -> None:
+    served.http.post("/load", json={"model_name": "tiny", "ctx_size": 256})
+    done = threading.Event()
+    failures: list[str] = []
+    answered = [0]
+
+    def ask() -> None:
+        with httpx.Client(base_url=served.url, timeout=60, trust_env=False) as http:
+            while not done.is_set():
+                r = http.post("/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                answered[0] += 1
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for t in askers:
+        t.start()
+    try:
+        pids = [served.http.post("/load", json={"model_name": "tiny", "ctx_size": ctx}).json()["pid"]
+                for ctx in (512, 256, 512, 256, 512)]
+    finally:
+        done.set()
+        for t in askers:
+            t.join()
+    assert len(set(pids)) == 5 and not failures, failures[:3]
+    assert answered[0] >= 3

@@ -185,14 +185,15 @@ class _Api:
     # ------------------------------------------------------------- names
 
     def _name(self, name: object) -> str:
-        """A model name as the registry knows it (``user.X`` → ``X``); only registered names
-        are served over HTTP (never a file path).
+        """A model name as the registry knows it (``user.X`` → ``X``, ``X:latest`` → ``X``); only
+        registered names are served over HTTP (never a file path).
 
         :raises ModelNotFound: anything else.
         """
         registry = self.router.registry
         if not isinstance(name, str) or not name:
             raise ModelNotFound(repr(name), registry.names())
+        name = name.removesuffix(":latest")  # as Lemonade does (Ollama-style clients add it)
         if name.startswith("user.") and name[5:] in registry.user_names():
             return name[5:]
         if name not in registry.names():
