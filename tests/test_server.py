@@ -564,3 +564,19 @@ def test_requests_during_reloads_wait_and_succeed(served: Served) -> None:
             t.join()
     assert len(set(pids)) == 5 and not failures, failures[:3]
     assert answered[0] >= 3
+
+
+def test_stats_and_system_info(served: Served) -> None:
+    http = served.http
+    assert http.get("/stats").json()["request_count_total"] == 0
+    http.post("/completions", json={"model": "tiny", "prompt": "once upon", "max_tokens": 4})
+    stats = http.get("/stats").json()
+    assert stats["request_count_total"] == 1 and stats["output_tokens"] == 4
+    assert stats["input_tokens"] > 0 and stats["tokens_per_second"] > 0
+    list(served.openai().completions.create(model="tiny", prompt="x", max_tokens=3, stream=True))
+    stats = http.get("/stats").json()
+    assert stats["request_count_total"] == 2 and stats["output_tokens_total"] == 7
+    info = http.get("/system-info").json()
+    assert info["devices"]["cpu"]["available"] is True
+    assert info["recipes"]["llamacpp"]["backends"]["llama-server"]["state"] == "installed"
+    assert http.head("/stats").status_code == http.head("/system-info").status_code == 200

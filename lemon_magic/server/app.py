@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import shlex
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psutil
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -175,12 +177,40 @@ def _recipe_options(s: ModelStatus) -> dict[str, Any]:
 
 
 @dataclass
+class _Stats:
+    """Lemonade's ``GET stats``: the last request's token counts and speed, and totals (from
+    the backend's ``usage`` and llama-server's ``timings``; ``None`` where a backend gives none)."""
+
+    last: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(
+        ("input_tokens", "output_tokens", "time_to_first_token", "tokens_per_second",
+         "prompt_tokens", "cache_tokens")))
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("request_count_total", "input_tokens_total", "output_tokens_total",
+         "prompt_tokens_total", "cache_tokens_total"), 0))
+
+    def record(self, response: Mapping[str, Any]) -> None:
+        usage, timings = response.get("usage") or {}, response.get("timings") or {}
+        prompt_ms = timings.get("prompt_ms")
+        self.last = {
+            "input_tokens": usage.get("prompt_tokens"),
+            "output_tokens": usage.get("completion_tokens", timings.get("predicted_n")),
+            "time_to_first_token": prompt_ms / 1000 if isinstance(prompt_ms, (int, float)) else None,
+            "tokens_per_second": timings.get("predicted_per_second"),
+            "prompt_tokens": timings.get("prompt_n"), "cache_tokens": timings.get("cache_n")}
+        self.totals["request_count_total"] += 1
+        for key in ("input_tokens", "output_tokens", "prompt_tokens", "cache_tokens"):
+            if isinstance(self.last[key], int):
+                self.totals[f"{key}_total"] += self.last[key]
+
+
+@dataclass
 class _Api:
     """The handlers, bound to one router (each: parse, one router call, shape)."""
 
     router: AsyncRouter
     version: str
     security: Security
+    stats: _Stats = field(default_factory=_Stats)
 
     # ------------------------------------------------------------- names
 
@@ -243,6 +273,27 @@ class _Api:
             "is_busy": s.requests_in_flight > 0, "requests_in_flight": s.requests_in_flight,
             "last_use": int((s.last_used or 0.0) * 1000), "load_seconds": s.load_seconds,
         }
+
+    async def stats_(self, request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(status_code=200)
+        return JSONResponse({**self.stats.last, **self.stats.totals})
+
+    async def system_info(self, request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(status_code=200)
+        backends = {name: {"devices": ["cpu"], "state": "installed" if b.available() else "unsupported"}
+                    for name, b in self.router.backends.items()}
+        default = next((name for name, b in backends.items() if b["state"] == "installed"), None)
+        return JSONResponse({
+            "OS Version": platform.platform(), "Processor": platform.processor() or platform.machine(),
+            "Physical Memory": f"{psutil.virtual_memory().total / 2**30:.1f} GB",
+            "devices": {"cpu": {"name": platform.processor() or platform.machine(), "available": True,
+                                "cores": psutil.cpu_count(logical=False),
+                                "threads": psutil.cpu_count()},
+                        "amd_gpu": [], "nvidia_gpu": [], "amd_npu": {"available": False}},
+            "recipes": {"llamacpp": {"default_backend": default, "backends": backends}},
+        })
 
     async def models(self, request: Request) -> Response:
         if request.method == "HEAD":
@@ -337,6 +388,7 @@ class _Api:
             if not stream:
                 completion = await _requests.request(self.router, name, path, payload,
                                                      load_options, None)
+                self.stats.record(completion.response)
                 return JSONResponse({**completion.response, "model": model})
             events = _requests.events(self.router, name, path, payload, load_options)
             try:  # the first event (or the error) before any header: errors keep their status
@@ -348,7 +400,7 @@ class _Api:
                 raise
         except LemonError as exc:
             return error_response(exc)
-        return _SSE(_sse(events, first, str(model)))
+        return _SSE(_sse(events, first, str(model), self.stats))
 
 
 class _SSE(StreamingResponse):
@@ -371,18 +423,22 @@ class _SSE(StreamingResponse):
                     await aclose()
 
 
-async def _sse(events: Any, first: _requests.Event | None, model: str) -> AsyncIterator[bytes]:
+async def _sse(events: Any, first: _requests.Event | None, model: str,
+               stats: _Stats) -> AsyncIterator[bytes]:
     """The backend's events as they came (``model`` as the client named it), then ``[DONE]``;
     a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``."""
+    last = first
     async with contextlib.aclosing(events):
         try:
             if first is not None:
                 yield _event({**first.data, "model": model})
-                async for event in events:
-                    yield _event({**event.data, "model": model})
+                async for last in events:
+                    yield _event({**last.data, "model": model})
         except LemonError as exc:
             yield _event(json.loads(bytes(error_response(exc).body)))
             return
+    if last is not None:
+        stats.record(last.data)  # the last event carries the usage and timings
     yield b"data: [DONE]\n\n"
 
 
@@ -436,7 +492,8 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 def _routes(api: _Api) -> list[BaseRoute]:
     get: dict[str, Handler] = {"health": api.health, "models": api.models,
-                               "models/{model_id:path}": api.model}
+                               "models/{model_id:path}": api.model, "stats": api.stats_,
+                               "system-info": api.system_info}
     post: dict[str, Handler] = {"load": api.load, "unload": api.unload,
                                 "chat/completions": api.chat_completions,
                                 "completions": api.completions}
