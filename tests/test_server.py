@@ -409,7 +409,9 @@ def test_closing_the_router_stops_serving_and_every_backend(make_router: Callabl
     assert not alive(load["pid"])
 
 
-def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_serves_and_a_signal_unloads_everything(tiny_model: str, tmp_path: Path,
+                                                    signum: signal.Signals) -> None:
     Registry().register("tiny", tiny_model)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -426,7 +428,7 @@ def test_cli_serves_and_sigterm_unloads_everything(tiny_model: str, tmp_path: Pa
         load = httpx.post(url + "/load", json={"model_name": "tiny", "ctx_size": 256}, timeout=60,
                           trust_env=False).json()
         assert load["action"] == "loaded" and alive(load["pid"])
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
         assert not alive(load["pid"])
     finally:
