@@ -64,7 +64,6 @@ __all__ = ("AsyncRouter",)
 
 log = logging.getLogger("lemon_magic.router")
 _S = ModelState
-_HOLDING = (_S.LOADING, _S.READY, _S.STOPPING)
 
 
 class AsyncRouter:
@@ -424,7 +423,7 @@ class AsyncRouter:
             async with anyio.create_task_group() as tg:
                 for name in list(self._models):
                     tg.start_soon(one, name)
-            if not any(m.state in _HOLDING for m in self._models.values()):
+            if not any(m.state in (_S.LOADING, _S.READY, _S.STOPPING) for m in self._models.values()):
                 break
         return results
 
@@ -464,33 +463,12 @@ class AsyncRouter:
     async def serve(self, host: str = "127.0.0.1", port: int = 13305, *,
                     api_key: str | None = None, allowed_origins: Sequence[str] = (),
                     allowed_hosts: Sequence[str] = (), allow_any_args: bool = False) -> str:
-        """Serve the Lemonade- and OpenAI-compatible API on ``host:port`` from this router's
-        loop (``port`` 0: any free port); returns the base URL. Serving again first stops the
-        running server.
+        """Serve the Lemonade- and OpenAI-compatible API from this router's loop; returns the
+        base URL (see :func:`lemon_magic.server.serve.serve_router` for the options)."""
+        from lemon_magic.server.serve import serve_router
 
-        :param api_key: required from clients as ``Authorization: Bearer <key>``; binding a
-            host that is not loopback requires one.
-        :param allowed_origins: browser origins allowed besides the server's own.
-        :param allowed_hosts: ``Host`` names allowed besides loopback and the bound address.
-        :param allow_any_args: let HTTP clients pass backend flags that touch files, the
-            network or run commands in ``llamacpp_args`` (refused by default).
-        :raises InvalidOptions: a host that is not loopback, with no API key.
-        :raises OSError: the address cannot be bound.
-        """
-        from lemon_magic import __version__
-        from lemon_magic.server._guard import Security, check_binding
-        from lemon_magic.server.app import create_app
-        from lemon_magic.server.serve import start
-
-        if self._closed:
-            raise RouterClosed()
-        assert self._tg is not None
-        security = Security.of(api_key, allowed_origins, allowed_hosts, allow_any_args)
-        check_binding(host, security)
-        await self.stop_serving()
-        app = create_app(self, version=__version__, security=security, bound_host=host)
-        self._serving = await start(app, host, port, self._tg)
-        return self._serving.info.base_url
+        return await serve_router(self, host, port, api_key=api_key, allowed_origins=allowed_origins,
+                                  allowed_hosts=allowed_hosts, allow_any_args=allow_any_args)
 
     async def stop_serving(self) -> bool:
         """Close the HTTP socket (bounded wait for requests in flight); the router and its
@@ -508,15 +486,6 @@ class AsyncRouter:
         return self._serving.info if self._serving is not None else None
 
     # ----------------------------------------------------------------- requests
-
-    async def _admit(self, model: str, load_options: LoadOptions | None,
-                     lease: _requests.Lease) -> LoadResult:
-        """Admit a request (loop thread only; see :class:`_requests.Lease`)."""
-        return await _requests.admit(self, model, load_options, lease)
-
-    def _end_lease(self, lease: _requests.Lease) -> None:
-        """End an admitted request (loop thread only, idempotent)."""
-        _requests.end_lease(self, lease)
 
     async def request(self, model: str, path: str, payload: dict[str, Any], *,
                       load_options: LoadOptions | None = None,

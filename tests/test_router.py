@@ -333,7 +333,7 @@ def test_a_lease_ended_before_its_acquire_finishes_releases_the_model(tiny_model
     """Stop can land between the loop admitting a request and the caller learning of it."""
     import anyio
 
-    from lemon_magic import AsyncRouter, LoadCancelled, LoadOptions
+    from lemon_magic import AsyncRouter, LoadCancelled, LoadOptions, _requests
     from lemon_magic._requests import Lease
 
     async def main() -> list[int]:
@@ -341,16 +341,16 @@ def test_a_lease_ended_before_its_acquire_finishes_releases_the_model(tiny_model
         async with AsyncRouter(RouterConfig(start_timeout=60)) as r:
             opts = LoadOptions(ctx_size=256)
             lease = Lease()
-            await r._admit(tiny_model, opts, lease)
+            await _requests.admit(r, tiny_model, opts, lease)
             busy.append(r.status()[0].requests_in_flight)
             lease.served = True
-            r._end_lease(lease)
-            r._end_lease(lease)  # idempotent
+            _requests.end_lease(r, lease)
+            _requests.end_lease(r, lease)  # idempotent
             busy.append(r.status()[0].requests_in_flight)
             abandoned = Lease()
-            r._end_lease(abandoned)  # the caller gave up first
+            _requests.end_lease(r, abandoned)  # the caller gave up first
             with pytest.raises(LoadCancelled, match="abandoned"):
-                await r._admit(tiny_model, opts, abandoned)
+                await _requests.admit(r, tiny_model, opts, abandoned)
             busy.append(r.status()[0].requests_in_flight)
         return busy
 

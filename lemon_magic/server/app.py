@@ -32,21 +32,24 @@ from lemon_magic import _requests
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelEntry, ModelStatus
 from lemon_magic.errors import (
-    BackendUnavailable,
-    InferenceError,
-    InvalidModelFile,
-    InvalidOptions,
     LemonError,
-    LoadError,
     ModelNotFound,
     ModelNotLoaded,
-    RequestTimeout,
-    SlotsFull,
-    WaitTimeout,
 )
-from lemon_magic.options import LoadOptions
 from lemon_magic.server._args import check_http_args
 from lemon_magic.server._guard import Guard, Security
+from lemon_magic.server._wire import (
+    ERROR_STATUS,
+    LOAD_KEYS,
+    MAX_BODY,
+    BadRequest,
+    bad,
+    error_response,
+    invalid,
+    lemonade_options,
+    read_body,
+    recipe_options,
+)
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
@@ -55,125 +58,9 @@ __all__ = ("ERROR_STATUS", "MAX_BODY", "PREFIXES", "create_app")
 
 #: every route lives under each of these, as in Lemonade
 PREFIXES = ("/api/v0", "/api/v1", "/v0", "/v1")
-#: the largest request body accepted, in bytes (larger: 413)
-MAX_BODY = 16 * 1024 * 1024
-#: what each LemonError becomes (checked in order: the first matching class wins)
-ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
-    (ModelNotFound, 404, "model_not_found"),
-    (ModelNotLoaded, 404, "model_not_loaded"),
-    (InvalidOptions, 400, "invalid_request_error"),
-    (SlotsFull, 409, "slots_pinned_error"),
-    (RequestTimeout, 504, "timeout"),
-    (WaitTimeout, 504, "timeout"),
-    (InvalidModelFile, 500, "model_load_error"),
-    (BackendUnavailable, 500, "model_load_error"),
-    (LoadError, 500, "model_load_error"),
-    (InferenceError, 500, "inference_error"),
-    (LemonError, 500, "server_error"),
-)
 _CREATED = 1234567890  # Lemonade's constant `created` for model objects
 #: the only load option an inference body may carry (Lemonade's allow-list)
 _INFERENCE_LOAD_KEYS = ("ctx_size",)
-
-
-class BadRequest(Exception):
-    """A request body the API cannot take (400, Lemonade's bare-string error shape)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def error_response(exc: LemonError) -> JSONResponse:
-    """The one translation of router errors into HTTP answers (see ``ERROR_STATUS``)."""
-    status, code = next((s, c) for cls, s, c in ERROR_STATUS if isinstance(exc, cls))
-    if isinstance(exc, ModelNotLoaded):  # Lemonade's /unload answers a bare string
-        return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
-    message = exc.render()
-    if code == "model_load_error":
-        message = f"Failed to load model {exc.model!r}: {exc.render()}"
-    body: dict[str, Any] = {"message": message, "type": code, "param": None, "code": code}
-    if exc.model is not None:
-        body["requested_model"] = exc.model
-    if code == "model_not_found":
-        body["param"] = "model"
-        body["message"] += "; GET /api/v1/models?show_all=true lists every model"
-    return JSONResponse({"error": body}, status)
-
-
-def _bad(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status)
-
-
-def _invalid(message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": f"Invalid request: {message}",
-                                   "type": "invalid_request_error", "param": None,
-                                   "code": "invalid_request"}}, 400)
-
-
-async def _body(request: Request, *, required: bool = True) -> dict[str, Any] | None:
-    """The JSON object in the body (``None`` for an empty optional body).
-
-    :raises BadRequest: too large, empty when required, not JSON, or not an object.
-    """
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        if required:
-            raise BadRequest("Request body is required but was empty")
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:  # bad JSON or bad UTF-8
-        raise BadRequest(f"Invalid JSON in request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest(f"Request body must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions:
-    """Load options from a body's Lemonade keys (and ours); "empty" values (-1, "", "auto",
-    null) mean unset, as in Lemonade.
-
-    :raises InvalidOptions: a value the options cannot take.
-    """
-    def given(key: str) -> Any:
-        value = body.get(key)
-        empty = value is None or (not isinstance(value, bool) and value in ("", "auto", -1))
-        return None if empty else value
-
-    wanted: dict[str, Any] = {}
-    if "ctx_size" in keys:
-        wanted["ctx_size"] = given("ctx_size")
-    if "llamacpp_args" in keys and given("llamacpp_args") is not None:
-        wanted["extra_args"] = body["llamacpp_args"]
-    if "llamacpp_backend" in keys:
-        device = given("llamacpp_backend")
-        if device not in (None, "cpu"):
-            raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
-    for key in ("backend", "threads", "chat_template"):  # ours, named as in LoadOptions
-        if key in keys:
-            wanted[key] = given(key)
-    return LoadOptions(**wanted)
-
-
-_LOAD_KEYS = ("ctx_size", "llamacpp_args", "llamacpp_backend", "backend", "threads", "chat_template")
-
-
-def _recipe_options(s: ModelStatus) -> dict[str, Any]:
-    if s.options is None:
-        return {}
-    o = s.options
-    return {"ctx_size": o.ctx_size, "llamacpp_backend": "cpu", "llamacpp_args": shlex.join(o.extra_args),
-            "backend": o.backend, "threads": o.threads, "chat_template": o.chat_template}
 
 
 @dataclass
@@ -269,7 +156,7 @@ class _Api:
             "type": s.kind, "device": "cpu",
             "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
             "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
-            "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": _recipe_options(s),
+            "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": recipe_options(s),
             "is_busy": s.requests_in_flight > 0, "requests_in_flight": s.requests_in_flight,
             "last_use": int((s.last_used or 0.0) * 1000), "load_seconds": s.load_seconds,
         }
@@ -313,18 +200,18 @@ class _Api:
     # ------------------------------------------------------------- POST
 
     async def load(self, request: Request) -> Response:
-        body = await _body(request)
+        body = await read_body(request)
         assert body is not None
         model = body.get("model_name")
         if not isinstance(model, str) or not model:
-            return _invalid("'model_name' is required and must be a string")
+            return invalid("'model_name' is required and must be a string")
         pinned = body.get("pinned")
         if body.get("save_options") is True:
-            return _invalid("save_options is not supported yet; register the model with its "
+            return invalid("save_options is not supported yet; register the model with its "
                             "default options instead")
         try:
             name = self._name(model)
-            options = _lemonade_options(body, _LOAD_KEYS)
+            options = lemonade_options(body, LOAD_KEYS)
             if options.extra_args and not self.security.allow_any_args:
                 check_http_args(options.extra_args)
             result = await self.router.ensure_loaded(name, options, explicit=True,
@@ -341,7 +228,7 @@ class _Api:
 
     async def unload(self, request: Request) -> Response:
         try:
-            body = await _body(request, required=False)
+            body = await read_body(request, required=False)
         except BadRequest as exc:
             if exc.status == 413:
                 raise
@@ -368,20 +255,20 @@ class _Api:
         return await self._infer(request, "/v1/completions")
 
     async def _infer(self, request: Request, path: str) -> Response:
-        body = await _body(request)
+        body = await read_body(request)
         assert body is not None
         model = body.get("model")
         if model is None:
             loaded = self._loaded()
             if not loaded:
-                return _bad("No model loaded and no model specified in request")
+                return bad("No model loaded and no model specified in request")
             model = loaded[0].name
         stream = body.pop("stream", False)
         if not isinstance(stream, bool):
-            return _invalid("'stream' must be a boolean")
+            return invalid("'stream' must be a boolean")
         try:
             name = self._name(model)
-            load_options = _lemonade_options(body, _INFERENCE_LOAD_KEYS)
+            load_options = lemonade_options(body, _INFERENCE_LOAD_KEYS)
             for key in _INFERENCE_LOAD_KEYS:
                 body.pop(key, None)
             payload = {**body, "model": name}
@@ -465,11 +352,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
-    return _bad(str(exc), exc.status)
+    return bad(str(exc), exc.status)
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
-    return _bad("the client went away before the request body was read")
+    return bad("the client went away before the request body was read")
 
 
 class _Counter:

@@ -14,16 +14,21 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 import uvicorn
 
+from lemon_magic.errors import RouterClosed
 from lemon_magic.server.app import App
 
-__all__ = ("DEFAULT_PORT", "Serving", "ServingInfo", "start")
+if TYPE_CHECKING:
+    from lemon_magic.router import AsyncRouter
+
+__all__ = ("DEFAULT_PORT", "Serving", "ServingInfo", "serve_router", "start")
 
 #: Lemonade's default port
 DEFAULT_PORT = 13305
@@ -132,3 +137,33 @@ async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup) -> Serv
         raise OSError(f"the HTTP server on {host}:{serving.port} did not start")
     log.info("[server] serving %s", serving.info.base_url)
     return serving
+
+
+async def serve_router(router: AsyncRouter, host: str, port: int, *, api_key: str | None,
+                       allowed_origins: Sequence[str], allowed_hosts: Sequence[str],
+                       allow_any_args: bool) -> str:
+    """Serve the API of ``router`` on ``host:port`` from the router's loop (``port`` 0: any
+    free port); returns the base URL. Serving again first stops the running server.
+
+    :param api_key: required from clients as ``Authorization: Bearer <key>``; binding a
+        host that is not loopback requires one.
+    :param allowed_origins: browser origins allowed besides the server's own.
+    :param allowed_hosts: ``Host`` names allowed besides loopback and the bound address.
+    :param allow_any_args: let HTTP clients pass backend flags that touch files, the
+        network or run commands in ``llamacpp_args`` (refused by default).
+    :raises InvalidOptions: a host that is not loopback, with no API key.
+    :raises OSError: the address cannot be bound.
+    """
+    from lemon_magic import __version__
+    from lemon_magic.server._guard import Security, check_binding
+    from lemon_magic.server.app import create_app
+
+    if router._closed:
+        raise RouterClosed()
+    assert router._tg is not None
+    security = Security.of(api_key, allowed_origins, allowed_hosts, allow_any_args)
+    check_binding(host, security)
+    await router.stop_serving()
+    app = create_app(router, version=__version__, security=security, bound_host=host)
+    router._serving = await start(app, host, port, router._tg)
+    return router._serving.info.base_url

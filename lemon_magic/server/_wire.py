@@ -1,0 +1,146 @@
+"""The wire side of the HTTP API: request bodies parsed into load options, and every
+LemonError shaped as an OpenAI/Lemonade error answer in one place (``ERROR_STATUS``)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from lemon_magic._records import ModelStatus
+from lemon_magic.errors import (
+    BackendUnavailable,
+    InferenceError,
+    InvalidModelFile,
+    InvalidOptions,
+    LemonError,
+    LoadError,
+    ModelNotFound,
+    ModelNotLoaded,
+    RequestTimeout,
+    SlotsFull,
+    WaitTimeout,
+)
+from lemon_magic.options import LoadOptions
+
+__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "BadRequest", "bad", "error_response", "invalid",
+           "lemonade_options", "read_body", "recipe_options")
+
+#: the largest request body accepted, in bytes (larger: 413)
+MAX_BODY = 16 * 1024 * 1024
+#: what each LemonError becomes (checked in order: the first matching class wins)
+ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
+    (ModelNotFound, 404, "model_not_found"),
+    (ModelNotLoaded, 404, "model_not_loaded"),
+    (InvalidOptions, 400, "invalid_request_error"),
+    (SlotsFull, 409, "slots_pinned_error"),
+    (RequestTimeout, 504, "timeout"),
+    (WaitTimeout, 504, "timeout"),
+    (InvalidModelFile, 500, "model_load_error"),
+    (BackendUnavailable, 500, "model_load_error"),
+    (LoadError, 500, "model_load_error"),
+    (InferenceError, 500, "inference_error"),
+    (LemonError, 500, "server_error"),
+)
+
+class BadRequest(Exception):
+    """A request body the API cannot take (400, Lemonade's bare-string error shape)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(exc: LemonError) -> JSONResponse:
+    """The one translation of router errors into HTTP answers (see ``ERROR_STATUS``)."""
+    status, code = next((s, c) for cls, s, c in ERROR_STATUS if isinstance(exc, cls))
+    if isinstance(exc, ModelNotLoaded):  # Lemonade's /unload answers a bare string
+        return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
+    message = exc.render()
+    if code == "model_load_error":
+        message = f"Failed to load model {exc.model!r}: {exc.render()}"
+    body: dict[str, Any] = {"message": message, "type": code, "param": None, "code": code}
+    if exc.model is not None:
+        body["requested_model"] = exc.model
+    if code == "model_not_found":
+        body["param"] = "model"
+        body["message"] += "; GET /api/v1/models?show_all=true lists every model"
+    return JSONResponse({"error": body}, status)
+
+
+def bad(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status)
+
+
+def invalid(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": f"Invalid request: {message}",
+                                   "type": "invalid_request_error", "param": None,
+                                   "code": "invalid_request"}}, 400)
+
+
+async def read_body(request: Request, *, required: bool = True) -> dict[str, Any] | None:
+    """The JSON object in the body (``None`` for an empty optional body).
+
+    :raises BadRequest: too large, empty when required, not JSON, or not an object.
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if required:
+            raise BadRequest("Request body is required but was empty")
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise BadRequest(f"Invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"Request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions:
+    """Load options from a body's Lemonade keys (and ours); "empty" values (-1, "", "auto",
+    null) mean unset, as in Lemonade.
+
+    :raises InvalidOptions: a value the options cannot take.
+    """
+    def given(key: str) -> Any:
+        value = body.get(key)
+        empty = value is None or (not isinstance(value, bool) and value in ("", "auto", -1))
+        return None if empty else value
+
+    wanted: dict[str, Any] = {}
+    if "ctx_size" in keys:
+        wanted["ctx_size"] = given("ctx_size")
+    if "llamacpp_args" in keys and given("llamacpp_args") is not None:
+        wanted["extra_args"] = body["llamacpp_args"]
+    if "llamacpp_backend" in keys:
+        device = given("llamacpp_backend")
+        if device not in (None, "cpu"):
+            raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
+    for key in ("backend", "threads", "chat_template"):  # ours, named as in LoadOptions
+        if key in keys:
+            wanted[key] = given(key)
+    return LoadOptions(**wanted)
+
+
+LOAD_KEYS = ("ctx_size", "llamacpp_args", "llamacpp_backend", "backend", "threads", "chat_template")
+
+
+def recipe_options(s: ModelStatus) -> dict[str, Any]:
+    if s.options is None:
+        return {}
+    o = s.options
+    return {"ctx_size": o.ctx_size, "llamacpp_backend": "cpu", "llamacpp_args": shlex.join(o.extra_args),
+            "backend": o.backend, "threads": o.threads, "chat_template": o.chat_template}
