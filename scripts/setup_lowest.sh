@@ -36,7 +36,7 @@ if [ -x .venv-lowest/bin/python ] && ! is_floor .venv-lowest/bin/python; then
 fi
 [ -x .venv-lowest/bin/python ] || "$python" -m venv .venv-lowest
 .venv/bin/python scripts/lowest_requirements.py --exclude llama-cpp-python \
-    --with pytest --with pytest-timeout --with gguf --with numpy -o .venv-lowest/lowest.txt
+    --with pytest --with pytest-timeout --with gguf --with numpy --with openai -o .venv-lowest/lowest.txt
 .venv-lowest/bin/python -m pip install --quiet --upgrade pip
 # Runtime floors and test tools in one resolve: a test tool that needs a newer runtime dependency
 # fails here, loudly, instead of silently moving a floor.
