@@ -221,29 +221,38 @@ def end_lease(router: AsyncRouter, lease: Lease) -> None:
         lease.slot.release(served=lease.served)
 
 
-async def request(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
-                  load_options: LoadOptions | None, lease: Lease | None) -> Completion:
-    """The async face of a non-streamed request (on the router's loop)."""
-    check_payload(payload)
-    lease = lease or Lease()
+@contextlib.asynccontextmanager
+async def _leased(router: AsyncRouter, model: str, load_options: LoadOptions | None,
+                  lease: Lease, limit_name: str) -> AsyncIterator[tuple[LoadResult, BackendProcess, float]]:
+    """Admit a request, hand the exchange its backend and time limit, translate its failures
+    at the boundary, and end the lease whatever happens (served only if the body completed)."""
     try:
         load = await admit(router, model, load_options, lease)
         assert lease.process is not None
-        reader = ResponseReader(load.model, path, stream=False)
-        limit = router.config.request_timeout
+        limit = float(getattr(router.config, limit_name))
         try:
-            with anyio.fail_after(limit):
-                response = await lease.process.client.post(
-                    lease.process.url + path, json={**payload, "stream": False},
-                    timeout=timeouts(limit))
-                reader.check_status(response.status_code, response.content)
-                reader.feed_body(response.content)
+            yield load, lease.process, limit
         except TRANSLATED as exc:
-            raise await failure(exc, lease, f"{limit:g} s (request_timeout)") from exc
+            raise await failure(exc, lease, f"{limit:g} s ({limit_name})") from exc
         lease.served = True
-        return reader.completion(load)
     finally:
         end_lease(router, lease)
+
+
+async def request(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
+                  load_options: LoadOptions | None, lease: Lease | None) -> Completion:
+    """The async face of a non-streamed request (on the router's loop), bounded as a whole."""
+    check_payload(payload)
+    async with _leased(router, model, load_options, lease or Lease(),
+                       "request_timeout") as (load, process, limit):
+        reader = ResponseReader(load.model, path, stream=False)
+        with anyio.fail_after(limit):
+            response = await process.client.post(process.url + path,
+                                                 json={**payload, "stream": False},
+                                                 timeout=timeouts(limit))
+            reader.check_status(response.status_code, response.content)
+            reader.feed_body(response.content)
+    return reader.completion(load)
 
 
 @dataclass(frozen=True)
@@ -262,30 +271,21 @@ async def events(router: AsyncRouter, model: str, path: str, payload: dict[str, 
     backend's stream, in order, until ``[DONE]`` (an HTTP server passes them through as they
     are; :func:`stream` keeps the text). ``lease`` (if given) shows what was admitted."""
     check_payload(payload)
-    lease = lease or Lease()
-    try:
-        load = await admit(router, model, load_options, lease)
-        assert lease.process is not None
+    async with _leased(router, model, load_options, lease or Lease(),
+                       "stream_idle_timeout") as (load, process, limit):
         reader = ResponseReader(load.model, path, stream=True)
-        limit = router.config.stream_idle_timeout
-        try:
-            async with lease.process.client.stream(
-                    "POST", lease.process.url + path, json={**payload, "stream": True},
-                    timeout=timeouts(limit)) as response:
-                if response.status_code != 200:
-                    reader.check_status(response.status_code, await response.aread())
-                async for line in response.aiter_lines():
-                    text = reader.feed_line(line)
-                    if reader.done:
-                        break
-                    if reader.last is not None:
-                        yield Event(reader.last, text, reader.finish_reason)
-                reader.finish()
-        except TRANSLATED as exc:
-            raise await failure(exc, lease, f"{limit:g} s (stream_idle_timeout)") from exc
-        lease.served = True
-    finally:
-        end_lease(router, lease)
+        async with process.client.stream("POST", process.url + path,
+                                         json={**payload, "stream": True},
+                                         timeout=timeouts(limit)) as response:
+            if response.status_code != 200:
+                reader.check_status(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                text = reader.feed_line(line)
+                if reader.done:
+                    break
+                if reader.last is not None:
+                    yield Event(reader.last, text, reader.finish_reason)
+            reader.finish()
 
 
 async def stream(router: AsyncRouter, model: str, path: str, payload: dict[str, Any],
