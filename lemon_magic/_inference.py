@@ -49,7 +49,7 @@ def error_text(body: str) -> str:
 def http_error(model: str, status: int, body: str) -> InferenceError:
     """The error for a non-200 answer."""
     return InferenceError(f"backend of {model!r} answered HTTP {status}: {error_text(body)}",
-                          model=model)
+                          model=model, status=status)
 
 
 class Accumulator:

@@ -156,7 +156,13 @@ class SlotsFull(LoadError):
 
 
 class InferenceError(LemonError):
-    """Raised when a request to a ready backend fails."""
+    """Raised when a request to a ready backend fails; ``status`` is the backend's HTTP status
+    when it answered with an error (``None`` otherwise)."""
+
+    def __init__(self, message: str, *, model: str | None = None, log_tail: Sequence[str] = (),
+                 status: int | None = None) -> None:
+        super().__init__(message, model=model, log_tail=log_tail)
+        self.status = status
 
 
 class BackendCrashed(InferenceError):

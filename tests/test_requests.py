@@ -66,8 +66,9 @@ def test_the_documented_table_names_every_target() -> None:
 
 def test_the_reader_checks_status_and_parses_the_stream() -> None:
     reader = ResponseReader("m", "/v1/chat/completions", stream=True)
-    with pytest.raises(InferenceError, match=r"answered HTTP 500: boom"):
+    with pytest.raises(InferenceError, match=r"answered HTTP 500: boom") as info:
         reader.check_status(500, b'{"error": {"message": "boom"}}')
+    assert info.value.status == 500  # kept for an HTTP server to pass on
     pieces = [reader.feed_line(line) for line in (
         ": keep-alive", 'data: {"choices": [{"delta": {"content": "Hi"}}]}', "",
         'data: {"choices": [{"delta": {"content": " there"}, "finish_reason": "stop"}]}')]
