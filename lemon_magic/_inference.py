@@ -52,6 +52,24 @@ def http_error(model: str, status: int, body: str) -> InferenceError:
                           model=model, status=status)
 
 
+def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
+    choices = data.get("choices") or [{}]
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ValueError(f"unexpected shape of 'choices': {str(choices)[:80]}")
+    return choices[0]
+
+
+def _text(choice: dict[str, Any], holder: str | None) -> str | None:
+    """The text of a choice: ``choice[holder]["content"]`` (chat) or ``choice["text"]``."""
+    part = choice.get(holder) or {} if holder else choice
+    if not isinstance(part, dict):
+        raise ValueError(f"unexpected shape of {holder!r}: {str(part)[:80]}")
+    text = part.get("content" if holder else "text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"the text is a {type(text).__name__}, not a string")
+    return text
+
+
 class Accumulator:
     """Collects a streamed (or whole) response: text parts, finish reason, last event."""
 
@@ -62,10 +80,13 @@ class Accumulator:
         self.last: dict[str, Any] = {}
 
     def add_event(self, event: dict[str, Any]) -> str | None:
-        """Take one streamed event; return its text, if any."""
+        """Take one streamed event; return its text, if any.
+
+        :raises ValueError: an event of another shape than OpenAI's.
+        """
         self.last = event
-        choice = (event.get("choices") or [{}])[0]
-        text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+        choice = _first_choice(event)
+        text = _text(choice, "delta" if self.chat else None)
         self.finish = choice.get("finish_reason") or self.finish
         if text:
             self.parts.append(text)
@@ -74,8 +95,8 @@ class Accumulator:
     def add_body(self, body: dict[str, Any]) -> None:
         """Take a whole (non-streamed) response."""
         self.last = body
-        choice = (body.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") if self.chat else choice.get("text")
+        choice = _first_choice(body)
+        text = _text(choice, "message" if self.chat else None)
         self.finish = choice.get("finish_reason")
         self.parts = [text or ""]
 

@@ -52,7 +52,7 @@ MAPPINGS: tuple[tuple[str, str], ...] = (
     ("the backend process has exited", "BackendCrashed"),
     ("httpx.TimeoutException, TimeoutError (deadline or idle gap)", "RequestTimeout"),
     ("a non-200 answer", "InferenceError (HTTP status and the backend's message)"),
-    ("ValueError (invalid JSON, bad UTF-8)", "InferenceError (not valid JSON)"),
+    ("ValueError (invalid JSON, bad UTF-8, not OpenAI's shape)", "InferenceError (not valid JSON)"),
     ("StreamCut (no [DONE])", "InferenceError (stream ended early)"),
     ("httpx.HTTPError, httpx.StreamError, OSError", "InferenceError (request failed)"),
 )
@@ -157,8 +157,8 @@ def translate(exc: BaseException, model: str, *, returncode: int | None = None,
         return InferenceError(f"backend of {model!r} ended its stream early (no [DONE])",
                               model=model)
     if isinstance(exc, ValueError):
-        return InferenceError(f"backend of {model!r} sent an answer that is not valid JSON: {exc}",
-                              model=model)
+        return InferenceError(f"backend of {model!r} sent an answer that is not valid JSON or "
+                              f"not OpenAI's shape: {exc}", model=model)
     return InferenceError(f"request to the backend of {model!r} failed: "
                           f"{type(exc).__name__}: {exc or 'no detail'}", model=model)
 

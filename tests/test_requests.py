@@ -80,3 +80,7 @@ def test_the_reader_checks_status_and_parses_the_stream() -> None:
     assert reader.done and reader.finish_reason == "stop"
     with pytest.raises(ValueError):
         ResponseReader("m", "/v1/completions", stream=False).feed_body(b"[1, 2]")
+    for odd in (b'{"choices": ["x"]}', b'{"choices": [{"message": "x"}]}',
+                b'{"choices": [{"message": {"content": 3}}]}', b'{"choices": 7}'):
+        with pytest.raises(ValueError):  # translated at the boundary like bad JSON
+            ResponseReader("m", "/v1/chat/completions", stream=False).feed_body(odd)
