@@ -225,6 +225,27 @@ def test_1603_an_auto_load_after_unload_uses_saved_options_so_a_bare_load_is_a_n
     assert load["action"] == "noop" and load["pid"] == pid
 
 
+def test_health_says_which_command_runs_and_whether_a_stream_is_being_sent(served: Served) -> None:
+    http = served.http
+    health = http.get("/health").json()
+    assert health["telemetry"] == {"enabled": False}
+    http.post("/load", json={"model_name": "tiny"})
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["is_streaming"] is False
+    command = entry["launch_command"]
+    assert len(command) > 1 and Path(command[0]).name.startswith("llama")
+    assert entry["checkpoint"] in command
+    with http.stream("POST", "/chat/completions", json={"model": "tiny", "messages": CHAT, "stream": True,
+                                                        "max_tokens": 400, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        [entry] = http.get("/health").json()["all_models_loaded"]
+        assert entry["is_streaming"] is True and entry["is_busy"] is True
+        assert "data: [DONE]" in list(lines)
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["is_streaming"] is False and entry["is_busy"] is False
+
+
 def test_live_answers_at_the_root(served: Served) -> None:
     root = served.url.removesuffix("/api/v1")
     r = served.http.get(root + "/live")

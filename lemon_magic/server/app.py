@@ -101,6 +101,8 @@ class _Api:
     version: str
     security: Security
     stats: _Stats = field(default_factory=_Stats)
+    #: model name → HTTP streams of it being sent now
+    streams: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- names
 
@@ -149,6 +151,7 @@ class _Api:
         return JSONResponse({
             "status": "ok", "version": self.version,
             "model_loaded": loaded[0].name if loaded else None,
+            "telemetry": {"enabled": False},  # nothing is captured or sent anywhere
             "all_models_loaded": [self._loaded_entry(s) for s in loaded],
             "max_models": max_models,
         })
@@ -160,7 +163,9 @@ class _Api:
             "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
             "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
             "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": recipe_options(s),
-            "is_busy": s.requests_in_flight > 0, "requests_in_flight": s.requests_in_flight,
+            "is_busy": s.requests_in_flight > 0, "is_streaming": s.name in self.streams,
+            "requests_in_flight": s.requests_in_flight,
+            **({"launch_command": list(s.argv)} if s.argv else {}),
             "last_use": int((s.last_used or 0.0) * 1000), "load_seconds": s.load_seconds,
         }
 
@@ -332,7 +337,7 @@ class _Api:
                 raise
         except LemonError as exc:
             return error_response(exc)
-        return _SSE(_sse(events, first, str(model), self.stats))
+        return _SSE(_sse(events, first, str(model), self.stats, self.streams, name))
 
 
 class _SSE(StreamingResponse):
@@ -355,20 +360,27 @@ class _SSE(StreamingResponse):
                     await aclose()
 
 
-async def _sse(events: Any, first: _requests.Event | None, model: str,
-               stats: _Stats) -> AsyncIterator[bytes]:
+async def _sse(events: Any, first: _requests.Event | None, model: str, stats: _Stats,
+               streams: dict[str, int], name: str) -> AsyncIterator[bytes]:
     """The backend's events as they came (``model`` as the client named it), then ``[DONE]``;
-    a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``."""
+    a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``.
+    ``streams[name]`` counts the streams of ``name`` being sent (health's ``is_streaming``)."""
     last = first
-    async with contextlib.aclosing(events):
-        try:
-            if first is not None:
-                yield _event({**first.data, "model": model})
-                async for last in events:
-                    yield _event({**last.data, "model": model})
-        except LemonError as exc:
-            yield _event(json.loads(bytes(error_response(exc).body)))
-            return
+    streams[name] = streams.get(name, 0) + 1
+    try:
+        async with contextlib.aclosing(events):
+            try:
+                if first is not None:
+                    yield _event({**first.data, "model": model})
+                    async for last in events:
+                        yield _event({**last.data, "model": model})
+            except LemonError as exc:
+                yield _event(json.loads(bytes(error_response(exc).body)))
+                return
+    finally:
+        streams[name] -= 1
+        if not streams[name]:
+            del streams[name]
     if last is not None:
         stats.record(last.data)  # the last event carries the usage and timings
     yield b"data: [DONE]\n\n"
