@@ -157,6 +157,8 @@ class ModelStatus:
     since: float | None = None
     #: wall-clock time the idle timer will unload this ready, idle model (``None``: no timer runs)
     idle_unload_at: float | None = None
+    #: the backend's command line, executable first (``None``: no process)
+    argv: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,79 @@ def test_inference_auto_loads_with_ctx_size_and_never_reloads(served: Served) ->
     assert load["action"] == "noop" and load["pid"] == pid  # Lemonade's test_012c, by pid
 
 
+def test_saved_options_are_what_a_bare_load_uses_until_forgotten(served: Served) -> None:
+    http = served.http
+    saved = http.post("/load", json={"model_name": "tiny", "ctx_size": 512, "save_options": True,
+                                     "llamacpp_args": "-b 64"})
+    assert saved.status_code == 200 and saved.json()["action"] == "loaded", saved.text
+    shown = http.get("/models/tiny").json()["recipe_options"]
+    assert shown["ctx_size"] == 512 and shown["llamacpp_args"] == "-b 64"
+    assert http.post("/load", json={"model_name": "tiny"}).json()["action"] == "noop"
+    http.post("/unload", json={"model_name": "tiny"})
+    bare = http.post("/load", json={"model_name": "tiny"}).json()
+    assert bare["action"] == "loaded"
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["recipe_options"]["ctx_size"] == 512 and entry["recipe_options"]["llamacpp_args"] == "-b 64"
+    # a key sent "empty" forgets what was saved; a key left out keeps it
+    r = http.post("/load", json={"model_name": "tiny", "ctx_size": -1, "save_options": True})
+    assert r.json()["action"] == "reloaded"
+    shown = http.get("/models/tiny").json()["recipe_options"]
+    assert "ctx_size" not in shown and shown["llamacpp_args"] == "-b 64"
+
+
+def test_save_options_refuses_the_builtin_model_and_a_non_boolean(served: Served) -> None:
+    r = served.http.post("/load", json={"model_name": "gemma3-270m", "ctx_size": 512, "save_options": True})
+    assert r.status_code == 400 and "built in" in r.json()["error"]["message"]
+    r = served.http.post("/load", json={"model_name": "tiny", "save_options": "yes"})
+    assert r.status_code == 400 and "save_options" in r.text
+    r = served.http.post("/load", json={"model_name": "tiny", "save_options": True,
+                                        "llamacpp_args": "--log-file /tmp/x"})
+    assert r.status_code == 400 and served.http.get("/models/tiny").json()["recipe_options"] == {}
+    assert served.router.spawn_count == 0
+
+
+def test_1603_an_auto_load_after_unload_uses_saved_options_so_a_bare_load_is_a_noop(
+        served: Served) -> None:
+    http = served.http
+    assert http.post("/load", json={"model_name": "tiny", "ctx_size": 256}).status_code == 200
+    http.post("/unload", json={"model_name": "tiny"})
+    r = http.post("/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 2})
+    assert r.status_code == 200
+    pid = served.pid("tiny")
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["recipe_options"]["ctx_size"] != 256  # not the last explicit load's options
+    load = http.post("/load", json={"model_name": "tiny"}).json()
+    assert load["action"] == "noop" and load["pid"] == pid
+
+
+def test_health_says_which_command_runs_and_whether_a_stream_is_being_sent(served: Served) -> None:
+    http = served.http
+    health = http.get("/health").json()
+    assert health["telemetry"] == {"enabled": False}
+    http.post("/load", json={"model_name": "tiny"})
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["is_streaming"] is False
+    command = entry["launch_command"]
+    assert len(command) > 1 and Path(command[0]).name.startswith("llama")
+    assert entry["checkpoint"] in command
+    with http.stream("POST", "/chat/completions", json={"model": "tiny", "messages": CHAT, "stream": True,
+                                                        "max_tokens": 400, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        [entry] = http.get("/health").json()["all_models_loaded"]
+        assert entry["is_streaming"] is True and entry["is_busy"] is True
+        assert "data: [DONE]" in list(lines)
+    [entry] = http.get("/health").json()["all_models_loaded"]
+    assert entry["is_streaming"] is False and entry["is_busy"] is False
+
+
+def test_live_answers_at_the_root(served: Served) -> None:
+    root = served.url.removesuffix("/api/v1")
+    r = served.http.get(root + "/live")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert served.http.head(root + "/live").status_code == 200
+
+
 def test_health_lists_the_loaded_model(served: Served) -> None:
     http = served.http
     assert http.get("/health").json()["model_loaded"] is None

@@ -26,8 +26,8 @@ from lemon_magic.errors import (
 )
 from lemon_magic.options import LoadOptions
 
-__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "BadRequest", "bad", "error_response", "invalid",
-           "lemonade_options", "read_body", "recipe_options")
+__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "bad",
+           "error_response", "invalid", "lemonade_options", "read_body", "recipe_options")
 
 #: the largest request body accepted, in bytes (larger: 413)
 MAX_BODY = 16 * 1024 * 1024
@@ -136,6 +136,9 @@ def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions
 
 
 LOAD_KEYS = ("ctx_size", "llamacpp_args", "llamacpp_backend", "backend", "threads", "chat_template")
+#: what ``save_options`` saves: a load body's key → the ``LoadOptions`` field it sets
+SAVED_KEYS = {"ctx_size": "ctx_size", "llamacpp_args": "extra_args", "backend": "backend",
+              "threads": "threads", "chat_template": "chat_template"}
 
 
 def recipe_options(s: ModelStatus) -> dict[str, Any]:

@@ -32,16 +32,19 @@ from lemon_magic import _requests
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelEntry, ModelStatus
 from lemon_magic.errors import (
+    InvalidOptions,
     LemonError,
     ModelNotFound,
     ModelNotLoaded,
 )
+from lemon_magic.options import LoadOptions
 from lemon_magic.server._args import check_http_args
 from lemon_magic.server._guard import Guard, Security
 from lemon_magic.server._wire import (
     ERROR_STATUS,
     LOAD_KEYS,
     MAX_BODY,
+    SAVED_KEYS,
     BadRequest,
     bad,
     error_response,
@@ -98,6 +101,8 @@ class _Api:
     version: str
     security: Security
     stats: _Stats = field(default_factory=_Stats)
+    #: model name → HTTP streams of it being sent now
+    streams: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- names
 
@@ -146,6 +151,7 @@ class _Api:
         return JSONResponse({
             "status": "ok", "version": self.version,
             "model_loaded": loaded[0].name if loaded else None,
+            "telemetry": {"enabled": False},  # nothing is captured or sent anywhere
             "all_models_loaded": [self._loaded_entry(s) for s in loaded],
             "max_models": max_models,
         })
@@ -157,7 +163,9 @@ class _Api:
             "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
             "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
             "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": recipe_options(s),
-            "is_busy": s.requests_in_flight > 0, "requests_in_flight": s.requests_in_flight,
+            "is_busy": s.requests_in_flight > 0, "is_streaming": s.name in self.streams,
+            "requests_in_flight": s.requests_in_flight,
+            **({"launch_command": list(s.argv)} if s.argv else {}),
             "last_use": int((s.last_used or 0.0) * 1000), "load_seconds": s.load_seconds,
         }
 
@@ -206,14 +214,16 @@ class _Api:
         if not isinstance(model, str) or not model:
             return invalid("'model_name' is required and must be a string")
         pinned = body.get("pinned")
-        if body.get("save_options") is True:
-            return invalid("save_options is not supported yet; register the model with its "
-                            "default options instead")
+        save = body.get("save_options", False)
+        if not isinstance(save, bool):
+            return invalid("'save_options' must be a boolean")
         try:
             name = self._name(model)
             options = lemonade_options(body, LOAD_KEYS)
             if options.extra_args and not self.security.allow_any_args:
                 check_http_args(options.extra_args)
+            if save:
+                await self._save_options(name, body, options)
             result = await self.router.ensure_loaded(name, options, explicit=True,
                                                      pin=pinned if isinstance(pinned, bool) else None)
         except LemonError as exc:
@@ -225,6 +235,30 @@ class _Api:
             "load_seconds": round(result.load_seconds, 6),
             "backend_url": f"{result.url}/v1",
         })
+
+    async def _save_options(self, name: str, body: dict[str, Any], options: LoadOptions) -> None:
+        """``save_options``: the load options in ``body`` become the model's saved defaults
+        (its registration's), which a later load without them uses. A key given with a value
+        sets it, a key given "empty" (-1, "", "auto", null) forgets it, a key not given keeps
+        what was saved.
+
+        :raises InvalidOptions: the model is built in (it has no registration to save into).
+        """
+        spec = self.router.registry.lookup(name)
+        if spec.source != "user":
+            raise InvalidOptions(
+                f"{name!r} is built in, so its options cannot be saved; register a name for its "
+                "file (router.register) and save that one's options")
+        saved = {k: v for k, v in vars(spec.defaults).items() if v is not None}
+        for key, option in SAVED_KEYS.items():
+            if key in body:
+                value = getattr(options, option)
+                if value is None:
+                    saved.pop(option, None)
+                else:
+                    saved[option] = value
+        await self.router.register(name, spec.path, kind=spec.kind,
+                                   description=spec.description, **saved)
 
     async def unload(self, request: Request) -> Response:
         try:
@@ -248,6 +282,21 @@ class _Api:
                              "model_name": model, "pid": result.pid,
                              "seconds": round(result.seconds, 6)})
 
+    def _auto_load_options(self, name: str, asked: LoadOptions) -> LoadOptions:
+        """What an inference request auto-loads ``name`` with, as in Lemonade: the model's saved
+        options (its registration's) and the body's ``ctx_size``. That is what ``POST load``
+        without options asks for too, so a load after an auto-load is a no-op (#1603); the
+        options of the model's last explicit load, which the Python API's auto-load keeps, are
+        not used (as concrete values they override those; a saved ``chat_template`` of none
+        cannot, it has no concrete value). A model that is ready is used as it is either way.
+        """
+        try:
+            o = self.router.resolve(self.router.registry.lookup(name), asked)
+        except LemonError:
+            return asked  # the router reports the same problem when it loads
+        return LoadOptions(ctx_size=o.ctx_size, threads=o.threads, backend=o.backend,
+                           extra_args=o.extra_args, chat_template=o.chat_template)
+
     async def chat_completions(self, request: Request) -> Response:
         return await self._infer(request, "/v1/chat/completions")
 
@@ -268,7 +317,8 @@ class _Api:
             return invalid("'stream' must be a boolean")
         try:
             name = self._name(model)
-            load_options = lemonade_options(body, _INFERENCE_LOAD_KEYS)
+            load_options = self._auto_load_options(name, lemonade_options(body,
+                                                                          _INFERENCE_LOAD_KEYS))
             for key in _INFERENCE_LOAD_KEYS:
                 body.pop(key, None)
             payload = {**body, "model": name}
@@ -287,7 +337,7 @@ class _Api:
                 raise
         except LemonError as exc:
             return error_response(exc)
-        return _SSE(_sse(events, first, str(model), self.stats))
+        return _SSE(_sse(events, first, str(model), self.stats, self.streams, name))
 
 
 class _SSE(StreamingResponse):
@@ -310,20 +360,27 @@ class _SSE(StreamingResponse):
                     await aclose()
 
 
-async def _sse(events: Any, first: _requests.Event | None, model: str,
-               stats: _Stats) -> AsyncIterator[bytes]:
+async def _sse(events: Any, first: _requests.Event | None, model: str, stats: _Stats,
+               streams: dict[str, int], name: str) -> AsyncIterator[bytes]:
     """The backend's events as they came (``model`` as the client named it), then ``[DONE]``;
-    a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``."""
+    a failure mid-stream becomes one error event (OpenAI's SDK raises it) and no ``[DONE]``.
+    ``streams[name]`` counts the streams of ``name`` being sent (health's ``is_streaming``)."""
     last = first
-    async with contextlib.aclosing(events):
-        try:
-            if first is not None:
-                yield _event({**first.data, "model": model})
-                async for last in events:
-                    yield _event({**last.data, "model": model})
-        except LemonError as exc:
-            yield _event(json.loads(bytes(error_response(exc).body)))
-            return
+    streams[name] = streams.get(name, 0) + 1
+    try:
+        async with contextlib.aclosing(events):
+            try:
+                if first is not None:
+                    yield _event({**first.data, "model": model})
+                    async for last in events:
+                        yield _event({**last.data, "model": model})
+            except LemonError as exc:
+                yield _event(json.loads(bytes(error_response(exc).body)))
+                return
+    finally:
+        streams[name] -= 1
+        if not streams[name]:
+            del streams[name]
     if last is not None:
         stats.record(last.data)  # the last event carries the usage and timings
     yield b"data: [DONE]\n\n"
@@ -331,6 +388,13 @@ async def _sse(events: Any, first: _requests.Event | None, model: str,
 
 def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _live(request: Request) -> Response:
+    """Lemonade's liveness probe (root only): the server answers, whatever its models do."""
+    if request.method == "HEAD":
+        return Response(status_code=200)
+    return JSONResponse({"status": "ok"})
 
 
 # ----------------------------------------------------------------- errors of the HTTP layer
@@ -384,7 +448,8 @@ def _routes(api: _Api) -> list[BaseRoute]:
     post: dict[str, Handler] = {"load": api.load, "unload": api.unload,
                                 "chat/completions": api.chat_completions,
                                 "completions": api.completions}
-    return [*(Route(f"{prefix}/{path}", handler, methods=["GET"])
+    return [Route("/live", _live, methods=["GET"]),
+            *(Route(f"{prefix}/{path}", handler, methods=["GET"])
               for prefix in PREFIXES for path, handler in get.items()),
             *(Route(f"{prefix}/{path}", handler, methods=["POST"])
               for prefix in PREFIXES for path, handler in post.items())]
