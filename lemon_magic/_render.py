@@ -5,10 +5,15 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from lemon_magic._records import LoadResult, ModelEntry, ModelStatus
 
-__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "seconds")
+if TYPE_CHECKING:
+    from lemon_magic.server.serve import ServingInfo
+
+__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "seconds",
+           "serving_line")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -50,13 +55,20 @@ def _idle_note(s: ModelStatus) -> str:
     return f" (unloads if idle in {duration(s.idle_unload_at - time.time())})"
 
 
+def serving_line(info: ServingInfo) -> str:
+    """``serving http://127.0.0.1:13305/api/v1 — 12 requests``: the line above the status table."""
+    n = info.requests_served
+    return f"serving {info.base_url} — {n} request{'' if n == 1 else 's'}"
+
+
 class StatusTable:
     """What ``%lemon_status`` shows: one row per model the router knows."""
 
     headers = ("model", "state", "backend", "pid", "options", "memory", "last load", "last error")
 
-    def __init__(self, statuses: Sequence[ModelStatus]) -> None:
+    def __init__(self, statuses: Sequence[ModelStatus], serving: ServingInfo | None = None) -> None:
         self.statuses = list(statuses)
+        self.serving = serving
 
     def rows(self) -> list[list[str]]:
         return [[s.name, str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s), s.backend or "",
@@ -66,10 +78,14 @@ class StatusTable:
                 for s in self.statuses]
 
     def __repr__(self) -> str:
-        return _table(self.headers, self.rows()) if self.statuses else "no models loaded yet"
+        table = _table(self.headers, self.rows()) if self.statuses else "no models loaded yet"
+        return table if self.serving is None else serving_line(self.serving) + "\n" + table
 
     def _repr_html_(self) -> str:
-        return _html(self.headers, self.rows()) if self.statuses else "<i>no models loaded yet</i>"
+        table = _html(self.headers, self.rows()) if self.statuses else "<i>no models loaded yet</i>"
+        if self.serving is None:
+            return table
+        return f"<p>{html.escape(serving_line(self.serving))}</p>{table}"
 
 
 class ModelsTable:

@@ -355,7 +355,8 @@ class LemonMagics(Magics):
         """
         if line.strip():
             raise UsageError("%lemon_status takes no arguments")
-        return _render.StatusTable(self.router.status())
+        router = self.router
+        return _render.StatusTable(router.status(), router.serving)
 
     @line_magic
     def lemon_models(self, line: str) -> _render.ModelsTable:

@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from anyio.from_thread import start_blocking_portal
@@ -38,6 +38,9 @@ from lemon_magic._records import (
     UnloadResult,
 )
 from lemon_magic._stream import Stream
+
+if TYPE_CHECKING:
+    from lemon_magic.server.serve import ServingInfo
 from lemon_magic.errors import Interrupted, InvalidOptions, RouterClosed
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import ModelSpec
@@ -274,6 +277,11 @@ class Router:
         """The served API's base URL (``None`` when not serving)."""
         info = self._async.serving
         return info.base_url if info is not None else None
+
+    @property
+    def serving(self) -> ServingInfo | None:
+        """Where the API is served and how many requests it answered (``None``: not serving)."""
+        return self._async.serving
 
     # ---------------------------------------------------------------- inference
 

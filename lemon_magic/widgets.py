@@ -315,7 +315,11 @@ class LemonPanel(w.VBox):
                 self.rows_box.children = [*self.rows_box.children, row.box]
             row.show(s, now)
         running = sum(1 for s in statuses if s.pid)
-        self.header.value = f"<b>lemon_magic</b> — {len(statuses)} model(s), {running} running"
+        serving = self.router.serving
+        where = "" if serving is None else (f" — serving {html.escape(serving.base_url)} "
+                                            f"({serving.requests_served} request"
+                                            f"{'' if serving.requests_served == 1 else 's'})")
+        self.header.value = f"<b>lemon_magic</b> — {len(statuses)} model(s), {running} running{where}"
         self._moving = any(s.state in (ModelState.LOADING, ModelState.READY) for s in statuses)
 
     def _status(self, model: str) -> ModelStatus | None:
