@@ -147,3 +147,4 @@ def alive(pid: int | None) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+from tests.serving import served  # noqa: E402, F401  (the HTTP tests' fixture: a served router)
