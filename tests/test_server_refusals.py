@@ -225,3 +225,11 @@ def test_every_router_error_has_one_http_answer(error: LemonError, status: int, 
     assert json.loads(bytes(r.body))["error"]["code"] == code
     assert json.loads(bytes(error_response(ModelNotLoaded("m")).body)) == {"error": "Model not loaded: m"}
 
+
+
+def test_a_backend_refusal_keeps_its_status() -> None:
+    from lemon_magic import InferenceError as Refused
+
+    answer = error_response(Refused("backend of 'm' answered HTTP 400: bad grammar", model="m", status=400))
+    assert answer.status_code == 400 and b"bad grammar" in answer.body
+    assert error_response(Refused("cut", model="m")).status_code == 500  # no status of its own

@@ -57,6 +57,8 @@ class BadRequest(Exception):
 def error_response(exc: LemonError) -> JSONResponse:
     """The one translation of router errors into HTTP answers (see ``ERROR_STATUS``)."""
     status, code = next((s, c) for cls, s, c in ERROR_STATUS if isinstance(exc, cls))
+    if isinstance(exc, InferenceError) and exc.status is not None and 400 <= exc.status < 500:
+        status = exc.status  # the backend refused the request itself: pass its status on
     if isinstance(exc, ModelNotLoaded):  # Lemonade's /unload answers a bare string
         return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
     message = exc.render()
