@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _timing import timed_stream
 
 RESULTS = Path(__file__).with_name("results")
 PROMPT = "Once upon a time"
@@ -57,16 +58,8 @@ def via_magic(ip: Any, tokens: int) -> tuple[float, float, int]:
 
 
 def via_httpx(client: httpx.Client, url: str, tokens: int) -> tuple[float, float, int]:
-    payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1, "stream": True}
-    stamps = []
-    began = time.perf_counter()
-    with client.stream("POST", url + "/v1/completions", json=payload) as response:
-        for line in response.iter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                text = json.loads(line[5:])["choices"][0].get("text")
-                if text and text.strip():
-                    stamps.append(time.perf_counter())
-    return stamps[0] - began, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+    payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1}
+    return timed_stream(client, url + "/v1/completions", payload)
 
 
 IMPORT_PROBE = """

@@ -17,9 +17,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from _timing import time_together
 
 from lemon_magic import LoadOptions, Router, RouterConfig
 from lemon_magic.backends import LlamaServer
@@ -102,20 +103,10 @@ def main() -> None:
 
         # N concurrent cold loads from threads
         before = router.spawn_count
-        barrier = threading.Barrier(args.concurrency + 1)
-
-        def one(barrier: threading.Barrier = barrier) -> None:
-            barrier.wait()
+        def one() -> None:
             router.load(model, ctx_size=2048, backend="llama-server")
 
-        threads = [threading.Thread(target=one) for _ in range(args.concurrency)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        crowd.append(time.perf_counter() - t0)
+        crowd.append(time_together([one] * args.concurrency))
         crowd_spawns.append(router.spawn_count - before)
         router.unload(model)
     router.close()

@@ -16,16 +16,17 @@ Writes bench/results/server.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _timing import time_together, timed_stream
 
 from lemon_magic import Router, RouterConfig
 
@@ -36,20 +37,10 @@ MODEL = "gemma3-270m"
 
 def stream(client: httpx.Client, url: str, tokens: int, model: str | None) -> tuple[float, float, int]:
     """(time to first token, tokens/s after it, tokens) of one streamed completion."""
-    payload: dict[str, Any] = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1,
-                               "stream": True}
+    payload: dict[str, Any] = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1}
     if model is not None:
         payload["model"] = model
-    stamps = []
-    began = time.perf_counter()
-    with client.stream("POST", url + "/completions", json=payload) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                text = json.loads(line[5:])["choices"][0].get("text")
-                if text and text.strip():
-                    stamps.append(time.perf_counter())
-    return stamps[0] - began, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+    return timed_stream(client, url + "/completions", payload)
 
 
 def http_load(client: httpx.Client, base: str, ctx_size: int) -> dict[str, Any]:
@@ -112,21 +103,8 @@ def main() -> None:
             cold.append(time.perf_counter() - t0)
             router.unload(MODEL)
             before = router.spawn_count
-            barrier = threading.Barrier(args.concurrency + 1)
             clients = [httpx.Client(timeout=timeout) for _ in range(args.concurrency)]
-
-            def one(c: httpx.Client, barrier: threading.Barrier = barrier) -> None:
-                barrier.wait()
-                http_load(c, base, 2048)
-
-            threads = [threading.Thread(target=one, args=(c,)) for c in clients]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            t0 = time.perf_counter()
-            for t in threads:
-                t.join()
-            crowd.append(time.perf_counter() - t0)
+            crowd.append(time_together([functools.partial(http_load, c, base, 2048) for c in clients]))
             crowd_spawns.append(router.spawn_count - before)
             for c in clients:
                 c.close()
