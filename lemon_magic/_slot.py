@@ -193,7 +193,8 @@ class Slot:
         assert self.options is not None and self.state is ModelState.LOADING
         for attempt in range(config.port_retries + 1):
             port = free_port()
-            argv = backend.argv(self.spec.path, self.options, port)
+            argv = [*backend.argv(self.spec.path, self.options, port),
+                    *backend.kind_args(self.spec.kind, self.options)]
             self.process = BackendProcess.spawn(self.name, argv, port, log_lines=config.log_lines,
                                                 request_timeout=config.request_timeout,
                                                 owner=self._owner)

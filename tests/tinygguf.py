@@ -12,8 +12,9 @@ import numpy as np
 
 
 def write_tiny_llama(path: Path, *, n_embd: int = 32, n_layer: int = 1, n_ctx_train: int = 4096,
-                     seed: int = 0) -> Path:
-    """Write a random 1-layer llama model with an SPM vocabulary of byte tokens."""
+                     seed: int = 0, mean_pooling: bool = False) -> Path:
+    """Write a random 1-layer llama model with an SPM vocabulary of byte tokens
+    (``mean_pooling``: it says so in its metadata, as embedding models do)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -27,6 +28,8 @@ def write_tiny_llama(path: Path, *, n_embd: int = 32, n_layer: int = 1, n_ctx_tr
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-test-llama")
     w.add_context_length(n_ctx_train)
+    if mean_pooling:
+        w.add_pooling_type(gguf.PoolingType.MEAN)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
     w.add_feed_forward_length(n_ff)

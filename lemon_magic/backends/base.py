@@ -46,6 +46,11 @@ class Backend(ABC):
     def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
         """The full argv that serves ``model_path`` with ``options`` on ``port``."""
 
+    def kind_args(self, kind: str, options: ResolvedOptions) -> list[str]:
+        """Flags that make the backend serve a model of ``kind`` (``"embedding"`` models
+        need their endpoint switched on), unless ``options.extra_args`` already has them."""
+        return []
+
     def check_extra_args(self, args: tuple[str, ...]) -> None:
         """Refuse extra args that name a flag lemon_magic sets itself.
 

@@ -38,3 +38,8 @@ class LlamaCppPython(Backend):
         if options.chat_template:
             argv += ["--chat_format", options.chat_template]
         return [*argv, *options.extra_args]
+
+    def kind_args(self, kind: str, options: ResolvedOptions) -> list[str]:
+        if kind != "embedding" or "--embedding" in options.extra_args:
+            return []
+        return ["--embedding", "true"]

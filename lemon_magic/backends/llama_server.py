@@ -64,3 +64,10 @@ class LlamaServer(Backend):
         else:
             argv.append("--jinja")
         return [*argv, *options.extra_args]
+
+    def kind_args(self, kind: str, options: ResolvedOptions) -> list[str]:
+        flags = {"embedding": ("--embeddings", "--embedding"), "reranking": ("--reranking", "--rerank")}
+        wanted = flags.get(kind)
+        if wanted is None or set(wanted) & set(options.extra_args):
+            return []
+        return [wanted[0]]

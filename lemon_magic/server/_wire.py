@@ -25,9 +25,11 @@ from lemon_magic.errors import (
     WaitTimeout,
 )
 from lemon_magic.options import LoadOptions
+from lemon_magic.registry import Registry
 
 __all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "bad",
-           "error_response", "invalid", "lemonade_options", "read_body", "recipe_options")
+           "error_response", "invalid", "lemonade_options", "read_body", "recipe_options",
+           "served_name")
 
 #: the largest request body accepted, in bytes (larger: 413)
 MAX_BODY = 16 * 1024 * 1024
@@ -149,3 +151,19 @@ def recipe_options(s: ModelStatus) -> dict[str, Any]:
     o = s.options
     return {"ctx_size": o.ctx_size, "llamacpp_backend": "cpu", "llamacpp_args": shlex.join(o.extra_args),
             "backend": o.backend, "threads": o.threads, "chat_template": o.chat_template}
+
+
+def served_name(registry: Registry, name: object) -> str:
+    """A model name as the registry knows it (``user.X`` → ``X``, ``X:latest`` → ``X``); only
+    registered names are served over HTTP (never a file path).
+
+    :raises ModelNotFound: anything else.
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelNotFound(repr(name), registry.names())
+    name = name.removesuffix(":latest")  # as Lemonade does (Ollama-style clients add it)
+    if name.startswith("user.") and name[5:] in registry.user_names():
+        return name[5:]
+    if name not in registry.names():
+        raise ModelNotFound(name, registry.names())
+    return name

@@ -1,0 +1,167 @@
+"""Streamed completions over HTTP: the backend's events passed through as server-sent events.
+
+:class:`EventStream` is the ASGI response of a ``stream: true`` request. One task
+(the pump) drives the request's event generator from admission to ``[DONE]``;
+the response forwards what it yields:
+
+* **Status first.** Nothing is sent until the first event, or a failure, comes:
+  a failure before it (unknown option, load failure, the backend's own 400)
+  keeps its HTTP status. Once the model is admitted and the backend is silent
+  for :data:`PING_EVERY` seconds (a long prompt), the 200 header goes out and a
+  ``: ping`` comment follows every :data:`PING_EVERY` seconds until the first
+  token, as Lemonade does; a failure after that is one error event.
+* **Bounded.** A client that stops reading blocks the response's writes; when
+  one write is blocked longer than the router's ``stream_idle_timeout``, the
+  request is cancelled, its lease ends and the connection is closed. A client
+  that goes away is noticed at once (the ASGI ``http.disconnect``).
+* Whatever ends the response, the event generator is closed in its own task,
+  so the lease ends and ``requests_in_flight`` goes back down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from lemon_magic._requests import Event, Lease
+from lemon_magic.errors import LemonError
+
+__all__ = ("PING_EVERY", "EventStream")
+
+#: seconds of backend silence (after admission, before the first token) between two pings
+PING_EVERY = 1.0
+_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]
+log = logging.getLogger("lemon_magic.server")
+
+
+#: an item that asks for a ``: ping`` comment
+_PING = object()
+Item = Event | LemonError | object
+
+
+class _ClientGone(Exception):
+    """The client went away or stopped reading: the response ends without a last word."""
+
+
+class EventStream:
+    """The ASGI response of one streamed request (see the module docstring)."""
+
+    def __init__(self, events: AsyncGenerator[Event, None], lease: Lease, *, model: str,
+                 send_timeout: Callable[[], float], error_response: Callable[[LemonError], JSONResponse],
+                 on_event: Callable[[dict[str, Any]], None], on_end: Callable[[], None]) -> None:
+        """
+        :param model: the name the client used (every event's ``model``).
+        :param send_timeout: the longest a write to the client may block, read per write.
+        :param error_response: the one translation of router errors into HTTP answers.
+        :param on_event: called with every event passed on (the last one carries usage).
+        :param on_end: called once when the response ends, however it ends.
+        """
+        self.events = events
+        self.lease = lease
+        self.model = model
+        self.send_timeout = send_timeout
+        self.error_response = error_response
+        self.on_event = on_event
+        self.on_end = on_end
+        #: the response's header went out (its status can no longer change)
+        self.started = False
+        #: the first event (or failure) came: no more pings
+        self.seen_first = False
+        self._ticker = anyio.CancelScope()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        items_in, items = anyio.create_memory_object_stream[Item](8)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, items_in.clone())
+                tg.start_soon(self._tick, items_in)
+                tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                try:
+                    await self._forward(items, send)
+                except _ClientGone:
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_end()
+
+    async def _pump(self, items_in: MemoryObjectSendStream[Item]) -> None:
+        """Drive the event generator in this one task, to its end or until cancelled."""
+        async with items_in, contextlib.aclosing(self.events):
+            try:
+                async for event in self.events:
+                    await items_in.send(event)
+            except LemonError as exc:
+                await items_in.send(exc)
+
+    async def _tick(self, items_in: MemoryObjectSendStream[Item]) -> None:
+        """A ping every ``PING_EVERY`` s while an admitted request waits for its first event
+        (never cancelling a receive, which could lose an item)."""
+        async with items_in:
+            with self._ticker:
+                while True:
+                    await anyio.sleep(PING_EVERY)
+                    if self.lease.load is not None:
+                        await items_in.send(_PING)
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scope.cancel()
+                return
+
+    async def _forward(self, items: MemoryObjectReceiveStream[Item], send: Send) -> None:
+        async with items:
+            async for item in items:
+                if item is _PING:
+                    if not self.seen_first:
+                        await self._write(send, b": ping\n\n")
+                    continue
+                self.seen_first = True
+                self._ticker.cancel()
+                if isinstance(item, LemonError):
+                    await self._fail(item, send)
+                    return
+                assert isinstance(item, Event)
+                data = {**item.data, "model": self.model}
+                self.on_event(data)
+                await self._write(send, b"data: " + json.dumps(data, separators=(",", ":")).encode()
+                                  + b"\n\n")
+        await self._write(send, b"data: [DONE]\n\n", more=False)
+
+    async def _fail(self, exc: LemonError, send: Send) -> None:
+        answer = self.error_response(exc)
+        if not self.started:  # nothing sent yet: the error keeps its HTTP status
+            await self._send(send, {"type": "http.response.start", "status": answer.status_code,
+                                    "headers": answer.raw_headers})
+            await self._send(send, {"type": "http.response.body", "body": answer.body})
+            return
+        await self._write(send, b"data: " + bytes(answer.body) + b"\n\n", more=False)
+
+    async def _write(self, send: Send, data: bytes, *, more: bool = True) -> None:
+        if not self.started:
+            self.started = True
+            await self._send(send, {"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        await self._send(send, {"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _send(self, send: Send, message: dict[str, Any]) -> None:
+        """One write to the client, bounded (a client that never reads is let go)."""
+        limit = self.send_timeout()
+        try:
+            with anyio.fail_after(limit):
+                await send(message)
+        except TimeoutError:
+            log.warning("[server] a client stopped reading a stream of %r for %g s: "
+                        "the request is cancelled", self.model, limit)
+            raise _ClientGone from None
+        except OSError:
+            raise _ClientGone from None
