@@ -4,8 +4,9 @@
 
 /health answers 503 until FILE exists (no --gate: at once), then 200.
 /v1/completions answers a fixed text; SSE when "stream" is true.
-Environment: FAKE_TOKEN_DELAY (seconds between streamed pieces), FAKE_BODY_TRICKLE (seconds
-between the bytes of a whole answer, sent in 8 pieces).
+Environment: FAKE_TOKEN_DELAY (seconds between streamed pieces), FAKE_FIRST_DELAY (seconds
+before the first one), FAKE_BODY_TRICKLE (seconds between the bytes of a whole answer, sent in
+8 pieces).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                self.wfile.flush()
+                time.sleep(float(os.environ.get("FAKE_FIRST_DELAY", "0")))
                 for w in words:
                     chunk = {"choices": [{"text": w, "delta": {"content": w}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
