@@ -87,10 +87,11 @@ class LemonError(Exception):
 class ModelNotFound(LemonError):
     """Raised when a model name is neither registered nor a path to a ``.gguf`` file."""
 
-    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, known: Sequence[str] = (), *, paths: bool = True) -> None:
+        """:param paths: whether a ``.gguf`` path would have been taken (not over HTTP)."""
         hint = f" (known models: {', '.join(sorted(known))})" if known else ""
-        super().__init__(f"unknown model {name!r}: not a registered name or a .gguf path{hint}",
-                         model=name)
+        what = "a registered name or a .gguf path" if paths else "a registered model name"
+        super().__init__(f"unknown model {name!r}: not {what}{hint}", model=name)
 
 
 class InvalidModelFile(LemonError):

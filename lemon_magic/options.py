@@ -27,7 +27,7 @@ SAMPLING_PARAMETERS = frozenset({"temperature", "max_tokens", "top_p", "top_k", 
 _SHELL_CHARS = frozenset(";|&$`<>\\\n\r\t\"'(){}*?!#~")
 
 
-def _positive_int(name: str, value: object) -> int | None:
+def _positive_int(name: str, value: object, limit: int | None = None) -> int | None:
     if value is None or value == "auto":
         return None
     if isinstance(value, bool):
@@ -36,7 +36,14 @@ def _positive_int(name: str, value: object) -> int | None:
         value = int(value)
     if not isinstance(value, int) or value <= 0:
         raise InvalidOptions(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise InvalidOptions(f"{name} must be at most {limit}, got {value}")
     return value
+
+
+#: the most threads a backend may be asked for: 4 per CPU here, at least 64 (more only
+#: oversubscribes, and a huge count makes llama.cpp allocate per-thread buffers until it dies)
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 
 def _split_args(value: object) -> tuple[str, ...]:
@@ -91,7 +98,7 @@ class LoadOptions:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "ctx_size", _positive_int("ctx_size", self.ctx_size))
-        set_(self, "threads", _positive_int("threads", self.threads))
+        set_(self, "threads", _positive_int("threads", self.threads, MAX_THREADS))
         if self.backend in (None, "auto"):
             set_(self, "backend", None)
         elif not isinstance(self.backend, str) or not self.backend.strip():

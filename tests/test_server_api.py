@@ -64,7 +64,8 @@ def test_saved_options_round_trip_without_loading(served: Served) -> None:
     default_ctx = view["resolved_ctx_size"]
 
     preview = http.post("/models/tiny/options", json={"ctx_size": 1024, "dry_run": True}).json()
-    assert preview["dry_run"] is True and preview["saved"] == {"ctx_size": 1024}
+    assert preview["dry_run"] is True and preview["saved"] == {}  # what is saved: nothing yet
+    assert preview["effective"]["ctx_size"] == preview["resolved_ctx_size"] == 1024
     assert http.get("/models/tiny/options").json()["saved"] == {}  # a preview saves nothing
 
     saved = http.post("/models/tiny/options", json={"ctx_size": 1024, "model_name": "ignored",

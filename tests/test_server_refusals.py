@@ -57,7 +57,7 @@ pytestmark = pytest.mark.real
     ("/chat/completions", {"json": {"model": "tiny", "messages": CHAT, "stream": "yes"}}, 400, "stream"),
     ("/chat/completions", {"json": {"messages": CHAT}}, 400, "No model loaded"),
     ("/completions", {"json": {"model": "tiny", "prompt": " "}}, 400, "prompt"),
-    ("/completions", {"json": {"model": ["tiny"], "prompt": "x"}}, 404, "model_not_found"),
+    ("/completions", {"json": {"model": ["tiny"], "prompt": "x"}}, 400, "'model' must be a string"),
     ("/completions", {"content": b"null"}, 400, "JSON object"),
 ])
 def test_bad_bodies_get_a_clear_error_and_load_nothing(served: Served, path: str, kwargs: dict[str, object],

@@ -100,14 +100,28 @@ class ModelsApi:
     router: AsyncRouter
     allow_any_args: bool
 
+    def _context_length(self, spec: ModelSpec) -> int | None:
+        """The loaded process's context size, else what a load would use now."""
+        loaded = next((s.options for s in self.router.status()
+                       if s.name == spec.name and s.options is not None), None)
+        if loaded is not None:
+            return loaded.ctx_size
+        try:
+            return self.router.resolve(spec, LoadOptions()).ctx_size
+        except LemonError:
+            return None
+
     def model_object(self, e: ModelEntry) -> dict[str, Any]:
         saved: dict[str, Any] = {}
+        context_length = None
         try:
-            saved = shown(self.router.registry.lookup(e.name).defaults)
+            spec = self.router.registry.lookup(e.name)
+            saved = shown(spec.defaults)
+            context_length = self._context_length(spec) if e.present else None
         except LemonError:
             pass
         return {"id": e.name, "object": "model", "created": _CREATED, "owned_by": "lemon_magic",
-                "checkpoint": e.path, "recipe": "llamacpp", "downloaded": e.present,
+                "context_length": context_length, "checkpoint": e.path, "recipe": "llamacpp", "downloaded": e.present,
                 "suggested": True, "labels": [e.kind if e.kind != "llm" else "chat"],
                 "recipe_options": saved, "source": e.source, "state": str(e.state),
                 **({"problem": e.problem} if e.problem else {})}
@@ -130,12 +144,15 @@ class ModelsApi:
     # ------------------------------------------------------------- models/{id}/options
 
     def _options_view(self, spec: ModelSpec, saved: LoadOptions) -> dict[str, Any]:
-        spec = dataclasses.replace(spec, defaults=saved)
-        effective = self.router.resolve(spec, LoadOptions())
+        """``saved``: what is saved now; ``effective``: what a load without options would
+        use if ``saved`` were saved (a preview when they differ); ``defaults``: what it would
+        use with nothing saved. ``effective`` replays as a ``POST load`` body."""
+        effective = self.router.resolve(dataclasses.replace(spec, defaults=saved), LoadOptions())
         defaults = self.router.resolve(dataclasses.replace(spec, defaults=LoadOptions()), LoadOptions())
-        return {"model_name": spec.name, "recipe": "llamacpp", "saved": shown(saved),
-                "effective": {**shown(effective), "llamacpp_backend": "cpu", "model_name": spec.name},
-                "defaults": shown(defaults), "resolved_ctx_size": effective.ctx_size}
+        common = {"llamacpp_backend": "cpu", "model_name": spec.name}
+        return {"model_name": spec.name, "recipe": "llamacpp", "saved": shown(spec.defaults),
+                "effective": {**shown(effective), **common}, "defaults": {**shown(defaults), **common},
+                "resolved_ctx_size": effective.ctx_size}
 
     async def options(self, request: Request) -> Response:
         """GET: the saved, effective and default options; POST: merge into the saved ones
@@ -148,7 +165,8 @@ class ModelsApi:
             if request.method == "DELETE":
                 spec = _user_spec(self.router, name)
                 await _save(self.router, spec, LoadOptions())
-                return JSONResponse({"status": "success", **self._options_view(spec, LoadOptions())})
+                spec = self.router.registry.lookup(name)
+                return JSONResponse({"status": "success", **self._options_view(spec, spec.defaults)})
             body = await read_body(request)
             assert body is not None
             refused = self._check_keys(body)
@@ -163,9 +181,10 @@ class ModelsApi:
             if body.get("dry_run") is True:
                 return JSONResponse({"status": "success", "dry_run": True, **view})
             await _save(self.router, spec, merged)
+            spec = self.router.registry.lookup(name)
         except LemonError as exc:
             return error_response(exc)
-        return JSONResponse({"status": "success", **view})
+        return JSONResponse({"status": "success", **self._options_view(spec, spec.defaults)})
 
     def _check_keys(self, body: dict[str, Any]) -> JSONResponse | None:
         if "pinned" in body:

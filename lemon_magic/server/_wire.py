@@ -28,8 +28,8 @@ from lemon_magic.options import LoadOptions
 from lemon_magic.registry import Registry
 
 __all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "bad",
-           "error_response", "invalid", "lemonade_options", "read_body", "recipe_options",
-           "served_name")
+           "error_response", "invalid", "json_type", "lemonade_options", "read_body",
+           "recipe_options", "served_name")
 
 #: the largest request body accepted, in bytes (larger: 413)
 MAX_BODY = 16 * 1024 * 1024
@@ -106,11 +106,24 @@ async def read_body(request: Request, *, required: bool = True) -> dict[str, Any
         return None
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("Invalid JSON in request body: nested too deeply") from None
     except ValueError as exc:  # bad JSON or bad UTF-8
-        raise BadRequest(f"Invalid JSON in request body: {exc}") from None
+        why = "a number has too many digits" if "digits" in str(exc) else str(exc)
+        raise BadRequest(f"Invalid JSON in request body: {why}") from None
     if not isinstance(data, dict):
-        raise BadRequest(f"Request body must be a JSON object, got {type(data).__name__}")
+        raise BadRequest(f"Request body must be a JSON object, got {json_type(data)}")
     return data
+
+
+def json_type(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words (``"an array"``, ``"null"``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = ((dict, "an object"), (list, "an array"), (str, "a string"), ((int, float), "a number"))
+    return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
 
 
 def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions:
@@ -119,23 +132,31 @@ def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions
 
     :raises InvalidOptions: a value the options cannot take.
     """
-    def given(key: str) -> Any:
+    def given(key: str, kind: type | tuple[type, ...]) -> Any:
         value = body.get(key)
-        empty = value is None or (not isinstance(value, bool) and value in ("", "auto", -1))
-        return None if empty else value
+        if value is None or value == -1 or (kind is str and value in ("", "auto")):
+            return None
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = "an integer, or -1 for automatic" if kind is int else "a string"
+            raise InvalidOptions(f"{key} must be {what}, got {json_type(value)} ({value!r})")
+        return value
 
     wanted: dict[str, Any] = {}
     if "ctx_size" in keys:
-        wanted["ctx_size"] = given("ctx_size")
-    if "llamacpp_args" in keys and given("llamacpp_args") is not None:
-        wanted["extra_args"] = body["llamacpp_args"]
+        wanted["ctx_size"] = given("ctx_size", int)
+    if "llamacpp_args" in keys:
+        value = body.get("llamacpp_args")
+        if isinstance(value, list) and all(isinstance(a, str) and a for a in value):
+            wanted["extra_args"] = value or None
+        else:
+            wanted["extra_args"] = given("llamacpp_args", str)
     if "llamacpp_backend" in keys:
-        device = given("llamacpp_backend")
+        device = given("llamacpp_backend", str)
         if device not in (None, "cpu"):
             raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
-    for key in ("backend", "threads", "chat_template"):  # ours, named as in LoadOptions
+    for key, kind in (("backend", str), ("threads", int), ("chat_template", str)):  # ours
         if key in keys:
-            wanted[key] = given(key)
+            wanted[key] = given(key, kind)
     return LoadOptions(**wanted)
 
 
@@ -160,10 +181,10 @@ def served_name(registry: Registry, name: object) -> str:
     :raises ModelNotFound: anything else.
     """
     if not isinstance(name, str) or not name:
-        raise ModelNotFound(repr(name), registry.names())
+        raise ModelNotFound(repr(name), registry.names(), paths=False)
     name = name.removesuffix(":latest")  # as Lemonade does (Ollama-style clients add it)
     if name.startswith("user.") and name[5:] in registry.user_names():
         return name[5:]
     if name not in registry.names():
-        raise ModelNotFound(name, registry.names())
+        raise ModelNotFound(name, registry.names(), paths=False)
     return name

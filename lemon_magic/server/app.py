@@ -117,6 +117,8 @@ class _Api:
         save = body.get("save_options", False)
         if not isinstance(save, bool):
             return invalid("'save_options' must be a boolean")
+        if pinned is not None and not isinstance(pinned, bool):
+            return invalid("'pinned' must be a boolean")
         try:
             name = served_name(self.router.registry, model)
             options = lemonade_options(body, LOAD_KEYS)
@@ -125,7 +127,7 @@ class _Api:
             if save:
                 await save_options(self.router, name, body, options)
             result = await self.router.ensure_loaded(name, options, explicit=True,
-                                                     pin=pinned if isinstance(pinned, bool) else None)
+                                                     pin=pinned)
         except LemonError as exc:
             return error_response(exc)
         return JSONResponse({
@@ -193,6 +195,8 @@ class _Api:
             if not loaded:
                 return bad("No model loaded and no model specified in request")
             model = loaded[0].name
+        if not isinstance(model, str):
+            return invalid("'model' must be a string (a model name)")
         stream = body.pop("stream", False)
         if not isinstance(stream, bool) or (stream and kind != "llm"):
             return invalid("'stream' must be a boolean" if kind == "llm" else
