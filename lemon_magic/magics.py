@@ -9,7 +9,6 @@ fails with a short message instead of a traceback.
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
 from lemon_magic import _render, errors
+from lemon_magic._catalog_magics import CatalogMagics
+from lemon_magic._magic_args import _no_abbrev, _parse
 from lemon_magic._policy import ModelState
 from lemon_magic._records import Completion
 from lemon_magic._render import describe_load, load_note, seconds
@@ -61,24 +62,8 @@ class InferenceText(str):
         return obj
 
 
-def _parse(magic: Callable[..., Any], line: str) -> Any:
-    """Parse a magic's line like a shell would (``--extra-args="--flag value"`` stays one
-    argument), then with the magic's argparse parser (whose errors are ``UsageError``)."""
-    try:
-        argv = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot parse the arguments: {exc}") from None
-    return magic.parser.parse_args(argv)  # type: ignore[attr-defined]
-
-
-def _no_abbrev(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse argparse prefix matches (``--ctx`` for ``--ctx-size``): they hide typos."""
-    func.parser.allow_abbrev = False  # type: ignore[attr-defined]
-    return func
-
-
 @magics_class
-class LemonMagics(Magics):
+class LemonMagics(CatalogMagics, Magics):
     """Magics that load local LLMs declaratively and run inference on them.
 
     Defaults are traits: ``%config LemonMagics.ctx_size = 8192``, or
@@ -358,16 +343,6 @@ class LemonMagics(Magics):
         router = self.router
         return _render.StatusTable(router.status(), router.serving)
 
-    @line_magic
-    def lemon_models(self, line: str) -> _render.ModelsTable:
-        """Built-in and registered models, and which of them are loaded.
-
-        In [1]: %lemon_models
-        """
-        if line.strip():
-            raise UsageError("%lemon_models takes no arguments")
-        return _render.ModelsTable(self.router.models())
-
     @_no_abbrev
     @magic_arguments()
     @argument("model", nargs="?", help="model (default: LemonMagics.default_model)")
@@ -383,46 +358,6 @@ class LemonMagics(Magics):
             raise UsageError(f"-n must be a positive number of lines, got {args.n}")
         for log_line in self.router.logs(self._model(args.model), args.n):
             print(log_line)
-
-    @_no_abbrev
-    @magic_arguments()
-    @argument("name", help="the name to register")
-    @argument("path", help="path of the .gguf file")
-    @argument("--kind", default="llm", help="llm, embedding or reranking")
-    @argument("--ctx-size", help="default context size")
-    @argument("--threads", help="default CPU threads")
-    @argument("--backend", help="default backend")
-    @argument("--chat-template", help="default chat template")
-    @argument("--description", default="", help="a note shown by %%lemon_models")
-    @line_magic
-    def lemon_register(self, line: str) -> None:
-        """Give a GGUF file a name, with default load options (kept across sessions).
-
-        In [1]: %lemon_register tiny /data/tiny.gguf --ctx-size 2048
-        registered tiny → /data/tiny.gguf
-        """
-        args = _parse(self.lemon_register, line)
-        defaults = {k: v for k, v in {"ctx_size": args.ctx_size, "threads": args.threads,
-                                      "backend": args.backend,
-                                      "chat_template": args.chat_template}.items() if v is not None}
-        spec = self.router.register(args.name, args.path, kind=args.kind,
-                                    description=args.description, **defaults)
-        print(f"registered {spec.name} → {spec.path}")
-
-    @_no_abbrev
-    @magic_arguments()
-    @argument("name", help="the registered name to forget (a loaded model is unloaded first)")
-    @line_magic
-    def lemon_unregister(self, line: str) -> None:
-        """Forget a registered name (its file stays on disk).
-
-        In [1]: %lemon_unregister tiny
-        unregistered tiny
-        """
-        args = _parse(self.lemon_unregister, line)
-        unloaded = self.router.unregister(args.name)
-        print(f"unregistered {args.name}" + (f" (unloaded pid {unloaded.pid})" if unloaded and
-                                              unloaded.pid else ""))
 
     @_no_abbrev
     @magic_arguments()

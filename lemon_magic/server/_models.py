@@ -121,7 +121,8 @@ class ModelsApi:
         except LemonError:
             pass
         return {"id": e.name, "object": "model", "created": _CREATED, "owned_by": "lemon_magic",
-                "context_length": context_length, "checkpoint": e.path, "recipe": "llamacpp", "downloaded": e.present,
+                "context_length": context_length, "checkpoint": e.path, "recipe": "llamacpp",
+                "downloaded": e.present,
                 "suggested": True, "labels": [e.kind if e.kind != "llm" else "chat"],
                 "recipe_options": saved, "source": e.source, "state": str(e.state),
                 **({"problem": e.problem} if e.problem else {})}
