@@ -34,6 +34,7 @@ from tests.hubstub import HubStub, hub, split_gguf, tiny_gguf
 __all__ = ("hub",)  # the fixture, imported for the tests below
 
 REPO = "lemon/tiny-GGUF"
+PROJECT_TOML = Path(__file__).resolve().parent.parent / "pyproject.toml"
 FILES = {"tiny-Q8_0.gguf": tiny_gguf(2), "tiny-Q4_K_M.gguf": tiny_gguf(1), "README.md": b"# tiny\n"}
 
 
@@ -297,3 +298,33 @@ def test_a_pulled_model_loads_on_a_real_backend_and_completes(
     router.load("pulled", ctx_size=256)
     done = router.complete("pulled", "once upon", max_tokens=4)
     assert done.text is not None  # type: ignore[union-attr]
+
+
+# -- the built-in catalog ------------------------------------------------------------------------
+
+
+def test_the_catalog_ships_in_the_package_and_every_entry_is_valid() -> None:
+    from lemon_magic._hubcatalog import catalog_entry, load_catalog
+
+    catalog = load_catalog()
+    assert len(catalog) >= 5 and {e.kind for e in catalog.values()} == {"llm", "embedding"}
+    qwen = catalog["Qwen3-0.6B-GGUF"]
+    assert (qwen.checkpoint, qwen.parsed.variant) == ("unsloth/Qwen3-0.6B-GGUF:Q4_0", "Q4_0")
+    assert 0.3e9 < qwen.size < 0.5e9 and qwen.defaults.ctx_size == 8192
+    assert catalog_entry("qwen3-0.6b-gguf") is qwen and catalog_entry("nothing") is None
+    assert all(e.parsed.variant for e in catalog.values())  # every checkpoint names its variant
+    project = PROJECT_TOML.read_text()
+    assert '[tool.setuptools.package-data]\nlemon_magic = ["catalog.json"]' in project  # in the wheel
+
+
+def test_a_bad_catalog_entry_is_named() -> None:
+    from lemon_magic._hubcatalog import _entry
+
+    good = {"checkpoint": "o/r:Q4_0", "kind": "llm", "size_gb": 0.1}
+    assert _entry("ok", good).size == 100_000_000
+    for bad, why in [({**good, "checkpoint": "o/r"}, "names no variant"),
+                     ({**good, "kind": "tts"}, "kind 'tts'"),
+                     ({**good, "defaults": {"temperature": 0.1}}, "sampling parameter"),
+                     ({"kind": "llm"}, "misses 'checkpoint'")]:
+        with pytest.raises(ValueError, match=rf"catalog.json: entry 'x': .*{why}"):
+            _entry("x", bad)
