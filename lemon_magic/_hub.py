@@ -284,7 +284,9 @@ def _translate(exc: BaseException, ck: Checkpoint, s: HubSettings) -> LemonError
     status = exc.response.status_code if isinstance(exc, hf.HfHubHTTPError) else None
     if isinstance(exc, hf.GatedRepoError) or (status in (401, 403) and not isinstance(
             exc, hf.RepositoryNotFoundError)):
-        return RepoAccessDenied(name, ck.repo_id, status or 401, has_token=_has_token())
+        token = _has_token()
+        refused = token and status == 401 and not isinstance(exc, hf.GatedRepoError)
+        return RepoAccessDenied(name, ck.repo_id, status or 401, has_token=token, token_refused=refused)
     if isinstance(exc, hf.RepositoryNotFoundError):
         return RepoNotFound(name, ck.repo_id, s.endpoint, has_token=_has_token())
     if isinstance(exc, hf.RevisionNotFoundError):

@@ -246,13 +246,19 @@ class RepoNotFound(PullError):
 
 
 class RepoAccessDenied(PullError):
-    """Raised on 401/403 for a gated or private repo: no token, or one without access."""
+    """Raised on 401/403: a gated or private repo without a token that has access, or a token
+    the Hub refuses (``token_refused``: invalid or revoked)."""
 
-    def __init__(self, checkpoint: str, repo: str, status: int, *, has_token: bool) -> None:
+    def __init__(self, checkpoint: str, repo: str, status: int, *, has_token: bool,
+                 token_refused: bool = False) -> None:
         self.status = status
-        fix = ("the token in HF_TOKEN has no access to it (accept its conditions on the Hub, or use "
-               "a token that can read it)") if has_token else "set HF_TOKEN to a token that can read it"
-        super().__init__(f"repo {repo} is gated or private (HTTP {status}): {fix}", checkpoint=checkpoint)
+        if token_refused:
+            text = f"the Hub refused the token in HF_TOKEN (HTTP {status}): fix it, or unset it for {repo}"
+        else:
+            fix = ("the token in HF_TOKEN has no access to it (accept its conditions on the Hub, or use "
+                   "a token that can read it)") if has_token else "set HF_TOKEN to a token that can read it"
+            text = f"repo {repo} is gated or private (HTTP {status}): {fix}"
+        super().__init__(text, checkpoint=checkpoint)
 
 
 class VariantNotFound(PullError):

@@ -8,13 +8,18 @@ asks when it downloads a file:
 - ``HEAD`` and ``GET /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag`` (the
   sha256 of an LFS file, the git blob sha1 of a small one), ``X-Linked-Etag`` and
   ``X-Linked-Size`` for LFS files, ``Content-Length``, ``Range`` requests (206).
+  As on the real Hub, an LFS file answers with a redirect to a "CDN" on another
+  origin (``http://localhost:PORT/cdn/{sha256}``, no token needed): the client takes
+  the metadata from the redirect and GETs the CDN URL. ``cdn = False`` serves LFS
+  files from ``/resolve`` directly.
 
 No ``X-Xet-*`` header is ever sent, so the client takes its plain HTTP path. Errors
 carry the ``X-Error-Code`` the client reads (``RepoNotFound``, ``GatedRepo``,
 ``RevisionNotFound``, ``EntryNotFound``). Every change to a repo makes a new commit.
 
 Controls for tests (all thread-safe): a gated or private repo with the token it
-accepts, ``drop_once`` (the next GET of a file breaks off after N bytes),
+accepts (a token the stub does not know gets 401 everywhere, as a revoked one does),
+``drop_once (the next GET of a file breaks off after N bytes),
 ``corrupt`` (bodies with a flipped byte, same length), ``throttle`` (bytes per
 second), and the record of every request (``gets(repo, file)``, ``requests``).
 The ``hub`` fixture starts one and points ``HF_ENDPOINT`` and an isolated cache at it.
@@ -118,13 +123,15 @@ class StubRepo:
 
 @dataclass(frozen=True)
 class Request:
-    """One request the stub answered: what was asked, and what it sent back."""
+    """One request the stub answered: what was asked (and for which file), and the status."""
 
     method: str
     path: str
     range: str | None
     authorization: str | None
     status: int
+    repo: str | None = None
+    file: str | None = None
 
 
 class HubStub:
@@ -136,6 +143,8 @@ class HubStub:
         self.drop_once: dict[tuple[str, str], int] = {}  #: (repo, file) -> bytes sent before the break
         self.corrupt: set[tuple[str, str]] = set()  #: (repo, file) served with one byte flipped
         self.throttle: float | None = None  #: bytes per second of every body, None: full speed
+        self.cdn = True  #: LFS files redirect to the "CDN" origin (localhost instead of 127.0.0.1)
+        self.tokens: set[str] = set()  #: tokens the Hub knows (a repo's token is added to it)
         self.lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -151,14 +160,15 @@ class HubStub:
         repo = StubRepo(repo_id, dict(files), **kwargs)
         with self.lock:
             self.repos[repo_id] = repo
+            if repo.token is not None:
+                self.tokens.add(repo.token)
         return repo
 
     def gets(self, repo_id: str, name: str) -> list[Request]:
-        """The GETs of a file's body (HEADs and listings left out)."""
-        path = f"/{repo_id}/resolve/"
+        """The transfers of a file's body (200 or 206 to a GET, from /resolve or the CDN)."""
         with self.lock:
-            return [r for r in self.requests if r.method == "GET" and r.path.startswith(path)
-                    and r.path.endswith("/" + name)]
+            return [r for r in self.requests if r.method == "GET" and r.status in (200, 206)
+                    and (r.repo, r.file) == (repo_id, name)]
 
     def start(self) -> HubStub:
         self._thread.start()
@@ -209,6 +219,8 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                 return self._info("/".join(parts[2:4]), rev, parse_qs(url.query), body=body)
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), body=body)
+            if len(parts) == 2 and parts[0] == "cdn":
+                return self._cdn(parts[1], body=body)
             self._send(404, {"X-Error-Code": "NotFound"}, b"not found", body=body)
 
         def _repo(self, repo_id: str, *, download: bool, body: bool) -> StubRepo | None:
@@ -216,6 +228,10 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                 repo = stub.repos.get(repo_id)
             auth = self.headers.get("Authorization")
             sent = auth.removeprefix("Bearer ").strip() if auth else None
+            if sent is not None and sent not in stub.tokens:
+                self._send(401, {"X-Error-Message": "Invalid credentials in Authorization header"},
+                           b"Invalid credentials", body=body)
+                return None
             if repo is None or (repo.private and sent != repo.token):
                 status = 401 if repo is not None and sent is None else 404
                 self._send(status, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repo not found"},
@@ -260,10 +276,30 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                            body=body)
                 return
             data = files[name]
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{repo.etag(data)}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{repo.etag(data)}"'}
             if repo.is_lfs(data):
                 headers.update({"X-Linked-Etag": f'"{repo.etag(data)}"', "X-Linked-Size": str(len(data))})
+                if stub.cdn:
+                    port = self.server.server_address[1]
+                    headers["Location"] = f"http://localhost:{port}/cdn/{repo.etag(data)}?repo={repo_id}"
+                    self._send(302, headers, b"", body=body, repo=repo_id, file=name)
+                    return
+            self._body(repo_id, name, data, headers, body=body)
+
+        def _cdn(self, sha256: str, *, body: bool) -> None:
+            query = parse_qs(urlsplit(self.path).query)
+            with stub.lock:
+                repo = stub.repos.get(query.get("repo", [""])[0])
+                found = [(n, d) for files in (repo.history.values() if repo else ()) for n, d in files.items()
+                         if hashlib.sha256(d).hexdigest() == sha256]
+            if repo is None or not found:
+                self._send(404, {}, b"no such object", body=body)
+                return
+            name, data = found[-1]
+            self._body(repo.repo_id, name, data, {"ETag": f'"{sha256}"'}, body=body)
+
+        def _body(self, repo_id: str, name: str, data: bytes, headers: dict[str, str], *, body: bool) -> None:
+            headers = {**headers, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             start = 0
             wanted = self.headers.get("Range")
             if wanted and wanted.startswith("bytes=") and body:
@@ -274,16 +310,17 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                 if body and key in stub.corrupt:
                     data = data[:-1] + bytes([data[-1] ^ 0xFF])
                 cut = stub.drop_once.pop(key, None) if body else None
-            self._send(206 if start else 200, headers, data[start:], body=body, cut=cut)
+            self._send(206 if start else 200, headers, data[start:], body=body, cut=cut, repo=repo_id,
+                       file=name)
 
         # -- sending ------------------------------------------------------------------------------
 
         def _send(self, status: int, headers: dict[str, str], data: bytes, *, body: bool,
-                  cut: int | None = None) -> None:
+                  cut: int | None = None, repo: str | None = None, file: str | None = None) -> None:
             with stub.lock:
                 stub.requests.append(Request(self.command, urlsplit(self.path).path,
                                              self.headers.get("Range"), self.headers.get("Authorization"),
-                                             status))
+                                             status, repo, file))
             self.send_response(status)
             for k, v in {**headers, "Content-Length": str(len(data))}.items():
                 self.send_header(k, v)

@@ -84,8 +84,10 @@ def test_labels_default_order_split_sets_and_mmproj() -> None:
 # -- pulls ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cdn", [True, False], ids=["lfs-via-cdn-redirect", "lfs-from-resolve"])
 def test_a_pull_downloads_once_then_hits_the_cache_and_works_offline(
-        hub: HubStub, monkeypatch: pytest.MonkeyPatch) -> None:
+        hub: HubStub, monkeypatch: pytest.MonkeyPatch, cdn: bool) -> None:
+    hub.cdn = cdn
     hub.add_repo(REPO, FILES)
     seen: list[PullProgress] = []
     got = pull(REPO, progress=seen.append)  # no variant: Q4_K_M first
@@ -166,16 +168,22 @@ def test_a_split_gguf_is_fetched_whole_with_its_mmproj(hub: HubStub) -> None:
     assert find_local("lemon/split-GGUF:Q8_0") == pull("lemon/split-GGUF:Q8_0")
 
 
-def test_an_unknown_repo_a_gated_one_and_a_private_one(hub: HubStub, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unknown_repo_a_gated_one_a_private_one_and_a_bad_token(hub: HubStub,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RepoNotFound,
                        match=r"no repo lemon/nothing on http://127\.0\.0\.1:\d+ \(if it is private, set HF"):
         pull("lemon/nothing")
+    hub.add_repo(REPO, FILES)
     hub.add_repo("lemon/gated-GGUF", FILES, gated=True, token="hf_good")
     hub.add_repo("lemon/private-GGUF", FILES, private=True, token="hf_good")
     with pytest.raises(RepoAccessDenied, match=r"gated or private \(HTTP 401\): set HF_TOKEN"):
         pull("lemon/gated-GGUF")
     with pytest.raises(RepoNotFound, match="if it is private, set HF_TOKEN"):
         pull("lemon/private-GGUF")
+    monkeypatch.setenv("HF_TOKEN", "hf_unknown")  # a token the Hub does not know: refused everywhere
+    with pytest.raises(RepoAccessDenied, match=r"the Hub refused the token in HF_TOKEN \(HTTP 401\)"):
+        pull(REPO)
+    hub.tokens.add("hf_wrong")  # a real token, without access to these two repos
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(RepoAccessDenied, match=r"\(HTTP 403\): the token in HF_TOKEN has no access"):
         pull("lemon/gated-GGUF")
@@ -184,8 +192,10 @@ def test_an_unknown_repo_a_gated_one_and_a_private_one(hub: HubStub, monkeypatch
     monkeypatch.setenv("HF_TOKEN", "hf_good")
     assert Path(pull("lemon/gated-GGUF").path).read_bytes() == FILES["tiny-Q4_K_M.gguf"]
     assert pull("lemon/private-GGUF").variant == "Q4_K_M"
-    gets = hub.gets("lemon/private-GGUF", "tiny-Q4_K_M.gguf")
-    assert gets and all(r.authorization == "Bearer hf_good" for r in gets)
+    # the token goes to the Hub, never to the CDN the file is fetched from
+    asked = [r for r in hub.requests if r.repo == "lemon/private-GGUF"]
+    assert {(r.method, r.path.split("/")[1], r.authorization) for r in asked} == {
+        ("HEAD", "lemon", "Bearer hf_good"), ("GET", "cdn", None)}
 
 
 def test_no_file_of_the_variant_lists_the_variants_there_are(hub: HubStub) -> None:
