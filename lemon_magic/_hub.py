@@ -271,8 +271,9 @@ def _has_token() -> bool:
     return get_token() is not None
 
 
-def _translate(exc: BaseException, ck: Checkpoint, s: HubSettings) -> LemonError:
-    """The one mapping of huggingface_hub's and the network's failures to lemon_magic errors."""
+def _translate(exc: BaseException, ck: Checkpoint, s: HubSettings, *, needed: int = 0) -> LemonError:
+    """The one mapping of huggingface_hub's and the network's failures to lemon_magic errors
+    (``needed``: the bytes the pull still had to write, for a disk that filled up)."""
     from huggingface_hub import errors as hf
     from huggingface_hub.utils import httpx as hx  # type: ignore[attr-defined]  # its httpx2, re-exported
 
@@ -296,7 +297,7 @@ def _translate(exc: BaseException, ck: Checkpoint, s: HubSettings) -> LemonError
         return HubUnreachable(name, f"the Hub at {s.endpoint} cannot be reached ({why})",
                               downloaded_checkpoints(s))
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return DiskFull(name, 0, _free_bytes(s.cache_dir), s.cache_dir)
+        return DiskFull(name, needed, _free_bytes(s.cache_dir), s.cache_dir)
     if status is not None:
         return PullError(f"the Hub at {s.endpoint} answered HTTP {status} for {name}", checkpoint=name)
     first = str(exc).splitlines()[0] if str(exc) else ""
@@ -305,9 +306,10 @@ def _translate(exc: BaseException, ck: Checkpoint, s: HubSettings) -> LemonError
 
 def _listing(ck: Checkpoint, s: HubSettings) -> tuple[str, list[RepoFile]]:
     """The commit the revision points to and its files (with sizes and LFS sha256)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
-    info = HfApi(endpoint=s.endpoint).model_info(ck.repo_id, revision=ck.revision, files_metadata=True)
+    info = HfApi(endpoint=s.endpoint).model_info(ck.repo_id, revision=ck.revision, files_metadata=True,
+                                                 timeout=constants.HF_HUB_ETAG_TIMEOUT)
     files = [RepoFile(f.rfilename, f.size, f.lfs.sha256 if f.lfs is not None else None)
              for f in info.siblings or ()]
     return str(info.sha), files
@@ -380,7 +382,7 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
             path = hf_hub_download(ck.repo_id, f.name, revision=ck.revision, cache_dir=s.cache_dir,
                                    endpoint=s.endpoint, tqdm_class=cast(Any, bars))
         except Exception as exc:
-            raise _translate(exc, ck, s) from exc
+            raise _translate(exc, ck, s, needed=total - transfer.done) from exc
         paths[f.name] = str(path)
         _check_file(ck, f, str(path), fresh=f.name in transfer.transferred, verify=verify)
     commits = {os.path.basename(p[:-len(name) - 1]) for name, p in paths.items()}

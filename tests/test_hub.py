@@ -7,7 +7,10 @@ transfer of several chunks).
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,7 @@ from lemon_magic import (
     InvalidCheckpoint,
     NotGGUF,
     PullCancelled,
+    PullError,
     RepoAccessDenied,
     RepoNotFound,
     Router,
@@ -110,6 +114,31 @@ def test_a_pull_downloads_once_then_hits_the_cache_and_works_offline(
     assert pull(REPO) == again and len(hub.requests) == asked
     with pytest.raises(HubUnreachable, match=rf"offline mode.*downloaded: {REPO}:Q4_K_M\)"):
         pull(f"{REPO}:Q8_0")
+
+
+def test_settings_are_read_at_each_pull_not_at_import(hub: HubStub, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """huggingface_hub fixed HF_ENDPOINT and the cache when it was imported: lemon_magic reads them
+    at each pull, so ``%env HF_ENDPOINT=...`` in a notebook works."""
+    from huggingface_hub import constants
+
+    hub.add_repo(REPO, FILES)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # as if imported before the env
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("HF_HUB_CACHE")  # HF_HOME alone places the cache
+    got = pull(REPO)
+    assert got.path.startswith(os.path.join(os.environ["HF_HOME"], "hub", "models--lemon--tiny-GGUF"))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_cancel_before_the_transfer_fetches_nothing(hub: HubStub) -> None:
+    hub.add_repo(REPO, FILES)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(PullCancelled):
+        pull(REPO, cancel=cancel)
+    assert [r.path for r in hub.requests] == [f"/api/models/{REPO}/revision/main"]
 
 
 def test_a_hub_that_cannot_be_reached_falls_back_to_the_cache(hub: HubStub) -> None:
@@ -290,6 +319,33 @@ def test_two_threads_pulling_one_model_make_one_transfer(hub: HubStub) -> None:
     assert isinstance(a, _hub.PulledModel) and isinstance(b, _hub.PulledModel) and a.path == b.path
     assert sorted([a.downloaded, b.downloaded]) == [0, len(FILES["tiny-Q4_K_M.gguf"])]
     assert len(hub.gets(REPO, "tiny-Q4_K_M.gguf")) == 1
+
+
+def test_two_processes_pulling_one_model_make_one_transfer(hub: HubStub) -> None:
+    """As two kernels would: the lock is a file in the cache, so it holds across processes."""
+    hub.add_repo(REPO, FILES)
+    hub.throttle = 200_000
+    code = "import sys; from lemon_magic._hub import pull; print(pull(sys.argv[1]).downloaded)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, REPO], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(int(o) for o in outs) == [0, len(FILES["tiny-Q4_K_M.gguf"])]
+    assert len(hub.gets(REPO, "tiny-Q4_K_M.gguf")) == 1
+
+
+def test_failures_map_to_one_line_errors() -> None:
+    """The mappings _translate makes that the tests above do not reach over the wire."""
+    from huggingface_hub import errors as hf
+
+    s = _hub.HubSettings("http://hub", "/nonexistent/cache", offline=False)
+    ck = Checkpoint("o/r", "Q4_0")
+    full = _hub._translate(OSError(errno.ENOSPC, "No space left on device"), ck, s, needed=5_000_000)
+    assert isinstance(full, DiskFull) and full.needed == 5_000_000
+    assert isinstance(_hub._translate(hf.OfflineModeIsEnabled("off"), ck, s), HubUnreachable)
+    other = _hub._translate(ValueError("odd\nsecond line"), ck, s)
+    assert type(other) is PullError and other.message == "pull of o/r:Q4_0 failed: ValueError: odd"
 
 
 @pytest.mark.real
