@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import glob
 import hashlib
 import os
 import re
@@ -207,6 +208,19 @@ class _Transfer:
         self.file = ""
         self.started = time.monotonic()
         self.transferred: set[str] = set()  # files a GET was made for (they get the sha256 check)
+        self.partial: str | None = None  # glob of huggingface_hub's temporary file for self.file
+        self.tail: _TailHash | None = None
+
+    def begin(self, f: RepoFile, blobs: Path | None) -> None:
+        """Account the next file; with ``blobs``, hash it while it downloads (its sha256 is its name)."""
+        self.file = f.name
+        self.partial = str(blobs / f"{f.sha256}.*.incomplete") if blobs is not None and f.sha256 else None
+        self.tail = None
+
+    def digest(self) -> tuple[str, int] | None:
+        """The sha256 and size the tail hash saw (None: not hashed on the way, or rewritten)."""
+        tail, self.tail = self.tail, None
+        return tail.result() if tail is not None else None
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -225,6 +239,9 @@ class _Transfer:
     def bar(self, **kwargs: Any) -> _Bar:
         self.transferred.add(self.file)
         self.check()
+        found = glob.glob(self.partial) if self.partial and self.tail is None else []
+        if len(found) == 1 and not kwargs.get("initial"):
+            self.tail = _TailHash(found[0])
         return _Bar(self, int(kwargs.get("initial") or 0))
 
 
@@ -237,7 +254,9 @@ class _Bar:
 
     def update(self, n: float | None = 1) -> None:
         self.n += int(n or 0)
-        self.transfer.advance(n or 0)  # negative when a resume restarts from zero
+        if (n or 0) < 0 and self.transfer.tail is not None:  # a resume restarts from zero: the file
+            self.transfer.tail.invalidate()  # is rewritten, the tail hash is wrong
+        self.transfer.advance(n or 0)
 
     def close(self) -> None:
         pass
@@ -247,6 +266,48 @@ class _Bar:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+class _TailHash:
+    """The sha256 of a file that another thread is writing (huggingface_hub's temporary file), read
+    as it grows: on a second core the check costs no time of its own. It keeps the file open, so
+    huggingface_hub's rename into the cache does not disturb it."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "rb")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._valid = True
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lemon-magic-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self._valid:
+                finishing = self._done.is_set()
+                chunk = self._file.read(1 << 20)
+                if chunk:
+                    self._hash.update(chunk)
+                    self._size += len(chunk)
+                elif finishing:
+                    return
+                else:
+                    self._done.wait(0.02)
+        except OSError:
+            self._valid = False
+        finally:
+            self._file.close()
+
+    def invalidate(self) -> None:
+        self._valid = False
+        self._done.set()
+
+    def result(self) -> tuple[str, int] | None:
+        """Read to the end (the writer is done), then the digest and size; None if invalidated."""
+        self._done.set()
+        self._thread.join()
+        return (self._hash.hexdigest(), self._size) if self._valid else None
 
 
 def _sha256(path: str) -> str:
@@ -315,13 +376,16 @@ def _listing(ck: Checkpoint, s: HubSettings) -> tuple[str, list[RepoFile]]:
     return str(info.sha), files
 
 
-def _check_file(ck: Checkpoint, f: RepoFile, path: str, *, fresh: bool, verify: bool) -> None:
-    """GGUF magic always; the sha256 of a fresh download when the Hub gives one. A bad file is removed."""
+def _check_file(ck: Checkpoint, f: RepoFile, path: str, *, fresh: bool, verify: bool,
+                digest: tuple[str, int] | None = None) -> None:
+    """GGUF magic always; the sha256 of a fresh download when the Hub gives one (``digest``: as
+    hashed during the transfer). A bad file is removed."""
     blob = os.path.realpath(path)
     if verify and fresh:
         expected = f.sha256 or (os.path.basename(blob) if _SHA256.fullmatch(os.path.basename(blob)) else None)
         if expected is not None:
-            actual = _sha256(blob)
+            hashed = digest is not None and digest[1] == os.path.getsize(blob)
+            actual = digest[0] if digest is not None and hashed else _sha256(blob)
             if actual != expected:
                 _remove_from_cache(path)
                 raise ChecksumMismatch(str(ck), f.name, expected, actual)
@@ -375,16 +439,21 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
         raise DiskFull(str(ck), total, free, s.cache_dir)
     transfer = _Transfer(str(ck), total, progress, cancel)
     bars = functools.partial(_Transfer.bar, transfer)
+    blobs = _repo_folder(s, ck.repo_id) / "blobs" if verify else None
     for f in todo:
-        transfer.file = f.name
+        transfer.begin(f, blobs)
         transfer.check()
         try:
             path = hf_hub_download(ck.repo_id, f.name, revision=ck.revision, cache_dir=s.cache_dir,
                                    endpoint=s.endpoint, tqdm_class=cast(Any, bars))
         except Exception as exc:
+            if transfer.tail is not None:
+                transfer.tail.invalidate()
+                transfer.digest()
             raise _translate(exc, ck, s, needed=total - transfer.done) from exc
         paths[f.name] = str(path)
-        _check_file(ck, f, str(path), fresh=f.name in transfer.transferred, verify=verify)
+        _check_file(ck, f, str(path), fresh=f.name in transfer.transferred, verify=verify,
+                    digest=transfer.digest())
     commits = {os.path.basename(p[:-len(name) - 1]) for name, p in paths.items()}
     if len(commits) > 1:
         raise PullError(f"{ck.repo_id} changed during the pull of {ck}; pull again", checkpoint=str(ck))

@@ -69,8 +69,14 @@ def split_gguf(seed: int = 0, tensors_per_part: int = 5) -> tuple[bytes, ...]:
         return tuple(p.read_bytes() for p in sorted(Path(d).glob("m-*-of-*.gguf")))
 
 
+@cache  # bytes cache their hash(): a lookup costs nothing after the first
 def _git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@cache
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -92,7 +98,7 @@ class StubRepo:
     def _commit(self) -> None:
         h = hashlib.sha1(f"{self.repo_id}:{len(self.history)}".encode())
         for name in sorted(self.files):
-            h.update(name.encode() + hashlib.sha256(self.files[name]).digest())
+            h.update(name.encode() + _sha256(self.files[name]).encode())
         self.commit = h.hexdigest()
         self.history[self.commit] = dict(self.files)
 
@@ -111,12 +117,12 @@ class StubRepo:
         return len(data) >= self.lfs_threshold
 
     def etag(self, data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest() if self.is_lfs(data) else _git_sha1(data)
+        return _sha256(data) if self.is_lfs(data) else _git_sha1(data)
 
     def sibling(self, name: str, data: bytes) -> dict[str, Any]:
         entry: dict[str, Any] = {"rfilename": name, "size": len(data), "blobId": _git_sha1(data)}
         if self.is_lfs(data):
-            entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+            entry["lfs"] = {"sha256": _sha256(data), "size": len(data),
                             "pointerSize": 134}
         return entry
 
@@ -291,7 +297,7 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
             with stub.lock:
                 repo = stub.repos.get(query.get("repo", [""])[0])
                 found = [(n, d) for files in (repo.history.values() if repo else ()) for n, d in files.items()
-                         if hashlib.sha256(d).hexdigest() == sha256]
+                         if _sha256(d) == sha256]
             if repo is None or not found:
                 self._send(404, {}, b"no such object", body=body)
                 return
@@ -333,7 +339,7 @@ def _handler(stub: HubStub) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
-            piece = 4096
+            piece = 4096 if stub.throttle else 1 << 20
             for i in range(0, len(data), piece):
                 self.wfile.write(data[i:i + piece])
                 if stub.throttle:

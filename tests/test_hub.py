@@ -246,6 +246,25 @@ def test_a_corrupted_body_fails_the_checksum_and_leaves_nothing(hub: HubStub) ->
     assert Path(pull(REPO).path).read_bytes() == FILES["tiny-Q4_K_M.gguf"]
 
 
+def test_the_checksum_is_computed_during_the_transfer(hub: HubStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No second pass over a fresh file: it is hashed as huggingface_hub writes it (also across a
+    resumed connection); a corrupted body is still caught."""
+    from huggingface_hub import constants
+
+    def no_second_pass(path: str) -> str:
+        raise AssertionError(f"hashed after the transfer: {path}")
+
+    monkeypatch.setattr(_hub, "_sha256", no_second_pass)
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    hub.add_repo(REPO, FILES)
+    hub.drop_once[(REPO, "tiny-Q8_0.gguf")] = 50_000
+    assert pull(f"{REPO}:Q8_0").downloaded == len(FILES["tiny-Q8_0.gguf"])
+    assert [g.range for g in hub.gets(REPO, "tiny-Q8_0.gguf")] == [None, "bytes=49152-"]
+    hub.corrupt.add((REPO, "tiny-Q4_K_M.gguf"))
+    with pytest.raises(ChecksumMismatch):
+        pull(f"{REPO}:Q4_K_M")
+
+
 def test_a_file_that_is_not_gguf_is_refused_and_removed(hub: HubStub) -> None:
     hub.add_repo("lemon/html-GGUF", {"page-Q4_K_M.gguf": b"<!doctype html>" + b" " * 4000})
     with pytest.raises(NotGGUF,
