@@ -4,9 +4,10 @@ Everything here blocks and is meant for a worker thread: :func:`pull` lists the
 repo, picks the files (:func:`choose_files`), downloads each one with
 ``hf_hub_download`` (its cache, its locks, its ETag checks, ``HF_TOKEN``), checks
 them and reports progress through a callback; a :class:`threading.Event` cancels
-it. :func:`find_local` answers "is it downloaded, and where?" without the network.
-
-Which files a checkpoint means is decided in :mod:`lemon_magic._hubfiles`.
+it. The pieces live apart and are re-exported here: which files a checkpoint means
+(:mod:`lemon_magic._hubfiles`, pure), and the local cache without the network
+(:mod:`lemon_magic._hubcache`: :func:`find_local` answers "is it downloaded, and
+where?", :func:`remove_local` deletes a checkpoint's files).
 
 Settings are read from the environment at each call, not at import as
 ``huggingface_hub`` does (``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``,
@@ -19,7 +20,10 @@ does that shapes this module: a dropped connection is resumed (``Range``) within
 same call, up to five times; but a cancelled or failed call deletes its partial file
 (its temporary files are unique per call), so a cancelled pull starts over next time.
 Progress arrives once per ``huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE`` (10 MB),
-which is also how soon a cancel takes effect during a transfer.
+which is also how soon a cancel takes effect during a transfer, and where a resumed
+connection starts again. Two pulls of one file (threads or processes) wait on
+huggingface_hub's file lock in the cache: one transfer; the waiting one reports no
+progress and cannot be cancelled until the lock is free.
 """
 
 from __future__ import annotations
@@ -38,15 +42,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lemon_magic._hubcache import (
+    HubSettings,
+    PulledModel,
+    _pulled,
+    _remove_from_cache,
+    _repo_folder,
+    downloaded_checkpoints,
+    find_local,
+    remove_local,
+)
 from lemon_magic._hubfiles import (
     DEFAULT_VARIANTS,
     Checkpoint,
     RepoFile,
     Selection,
     choose_files,
-    complete,
     list_variants,
-    model_groups,
     variant_label,
 )
 from lemon_magic.errors import (
@@ -63,10 +75,9 @@ from lemon_magic.errors import (
 
 __all__ = ("DEFAULT_VARIANTS", "Checkpoint", "HubSettings", "PullProgress", "PulledModel", "RepoFile",
            "Selection", "choose_files", "downloaded_checkpoints", "find_local", "list_variants", "pull",
-           "variant_label")
+           "remove_local", "remote_variants", "variant_label")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -84,115 +95,6 @@ class PullProgress:
     @property
     def fraction(self) -> float:
         return 1.0 if self.total <= 0 else min(1.0, self.done / self.total)
-
-
-@dataclass(frozen=True)
-class PulledModel:
-    """A checkpoint whose files are all in the local cache."""
-
-    checkpoint: str  #: ``org/repo:VARIANT`` with the variant that was chosen
-    repo_id: str
-    variant: str
-    commit: str
-    path: str  #: what to load: the model file, or the first part of a split one
-    files: tuple[str, ...]  #: local paths of every file (model parts, then mmproj)
-    mmproj: str | None
-    size: int  #: bytes of all files
-    downloaded: int = 0  #: bytes this call transferred (0: everything was cached)
-
-
-@dataclass(frozen=True)
-class HubSettings:
-    """Where pulls go, read from the environment at call time (huggingface_hub reads it at import)."""
-
-    endpoint: str
-    cache_dir: str
-    offline: bool
-
-    @classmethod
-    def from_env(cls) -> HubSettings:
-        from huggingface_hub import constants
-
-        env = os.environ
-        endpoint = (env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-        cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
-        if not cache and env.get("HF_HOME"):
-            cache = os.path.join(env["HF_HOME"], "hub")
-        cache_dir = os.path.expandvars(os.path.expanduser(cache)) if cache else constants.HF_HUB_CACHE
-        flag = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
-        return cls(endpoint, cache_dir, flag.upper() in _TRUE or constants.HF_HUB_OFFLINE)
-
-
-# -- the local cache -----------------------------------------------------------------------------
-
-
-def _repo_folder(settings: HubSettings, repo_id: str) -> Path:
-    return Path(settings.cache_dir) / ("models--" + repo_id.replace("/", "--"))
-
-
-def _snapshot_listing(snapshot: Path) -> list[RepoFile]:
-    return [RepoFile(p.relative_to(snapshot).as_posix(), p.stat().st_size)
-            for p in sorted(snapshot.rglob("*")) if p.is_file()]  # is_file: a broken link is not
-
-
-def _pulled(checkpoint: Checkpoint, commit: str, selection: Selection, paths: dict[str, str],
-            downloaded: int = 0) -> PulledModel:
-    return PulledModel(f"{checkpoint.repo_id}:{selection.variant}", checkpoint.repo_id, selection.variant,
-                       commit, paths[selection.model[0].name], tuple(paths[f.name] for f in selection.files),
-                       paths[selection.mmproj.name] if selection.mmproj else None,
-                       sum(os.path.getsize(paths[f.name]) for f in selection.files), downloaded)
-
-
-def find_local(checkpoint: str | Checkpoint, *, with_mmproj: bool = True,
-               settings: HubSettings | None = None) -> PulledModel | None:
-    """The checkpoint's files in the local cache, without the network (``None``: not downloaded).
-
-    The snapshot that the revision (``main``) points to is tried first, then the
-    others, newest first. Without a variant, the default order applies to the files
-    that are there: offline, ``org/repo`` finds whichever variant was pulled.
-    """
-    ck = Checkpoint.parse(checkpoint)
-    s = settings or HubSettings.from_env()
-    folder = _repo_folder(s, ck.repo_id)
-    snapshots = folder / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = folder / "refs" / ck.revision
-    first = ref.read_text().strip() if ref.is_file() else ck.revision
-    others = sorted((p for p in snapshots.iterdir() if p.name != first), key=lambda p: -p.stat().st_mtime)
-    for snapshot in [snapshots / first, *others]:
-        if not snapshot.is_dir():
-            continue
-        listing = _snapshot_listing(snapshot)
-        try:
-            selection = choose_files(ck, listing, with_mmproj=with_mmproj)
-        except PullError:
-            continue
-        return _pulled(ck, snapshot.name, selection, {f.name: str(snapshot / f.name) for f in listing})
-    return None
-
-
-def downloaded_checkpoints(settings: HubSettings | None = None) -> tuple[str, ...]:
-    """Every ``org/repo:VARIANT`` whose GGUF files are complete in the local cache, sorted."""
-    s = settings or HubSettings.from_env()
-    found: set[str] = set()
-    root = Path(s.cache_dir)
-    for folder in root.glob("models--*--*") if root.is_dir() else ():
-        repo_id = folder.name[len("models--"):].replace("--", "/", 1)
-        for snapshot in (folder / "snapshots").glob("*"):
-            groups = model_groups(_snapshot_listing(snapshot))
-            found.update(f"{repo_id}:{variant_label(g[0].name)}" for g in groups if complete(g))
-    return tuple(sorted(found))
-
-
-def _remove_from_cache(path: str) -> None:
-    """Forget one downloaded file: the snapshot's link and the blob it points to."""
-    blob = os.path.realpath(path)
-    for p in {path, blob}:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
 
 
 # -- pulling ------------------------------------------------------------------------------------
@@ -465,3 +367,16 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
         transfer.file = selection.files[-1].name
         transfer.advance(total - transfer.done, finished=True)
     return _pulled(ck, commits.pop(), selection, paths, moved)
+
+
+def remote_variants(repo: str | Checkpoint, *, settings: HubSettings | None = None) -> tuple[str, ...]:
+    """The variants a repo offers on the Hub (Lemonade's ``pull/variants``); raises a :class:`PullError`."""
+    ck = Checkpoint.parse(repo)
+    s = settings or HubSettings.from_env()
+    if s.offline:
+        raise HubUnreachable(str(ck), "offline mode is on (HF_HUB_OFFLINE)", downloaded_checkpoints(s))
+    try:
+        _, listing = _listing(ck, s)
+    except Exception as exc:
+        raise _translate(exc, ck, s) from exc
+    return list_variants(listing)

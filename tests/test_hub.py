@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,14 @@ from lemon_magic import (
     VariantNotFound,
     _hub,
 )
-from lemon_magic._hub import PullProgress, downloaded_checkpoints, find_local, pull
+from lemon_magic._hub import (
+    PullProgress,
+    downloaded_checkpoints,
+    find_local,
+    pull,
+    remote_variants,
+    remove_local,
+)
 from lemon_magic._hubfiles import Checkpoint, RepoFile, choose_files, list_variants, variant_label
 from tests.hubstub import HubStub, hub, split_gguf, tiny_gguf
 
@@ -139,6 +147,20 @@ def test_a_cancel_before_the_transfer_fetches_nothing(hub: HubStub) -> None:
     with pytest.raises(PullCancelled):
         pull(REPO, cancel=cancel)
     assert [r.path for r in hub.requests] == [f"/api/models/{REPO}/revision/main"]
+
+
+def test_variants_on_the_hub_and_removal_of_a_pulled_checkpoint(hub: HubStub) -> None:
+    hub.add_repo(REPO, {**FILES, "mmproj-F16.gguf": tiny_gguf(7)})
+    assert remote_variants(REPO) == ("Q4_K_M", "Q8_0")
+    q4, q8 = pull(f"{REPO}:Q4_K_M"), pull(f"{REPO}:Q8_0")
+    assert q4.mmproj == q8.mmproj is not None
+    freed = remove_local(f"{REPO}:Q4_K_M")  # the mmproj stays: Q8_0 still uses it
+    assert freed == len(FILES["tiny-Q4_K_M.gguf"]) and not os.path.exists(q4.path)
+    assert find_local(f"{REPO}:Q4_K_M") is None and find_local(f"{REPO}:Q8_0") == replace(q8, downloaded=0)
+    assert remove_local(f"{REPO}:Q8_0") == len(FILES["tiny-Q8_0.gguf"]) + len(tiny_gguf(7))
+    assert downloaded_checkpoints() == () and remove_local(f"{REPO}:Q8_0") == 0
+    assert not [f for f in _cache_files(os.environ["HF_HUB_CACHE"]) if "/blobs/" in f or "/snapshots/" in f]
+    assert pull(f"{REPO}:Q8_0").downloaded > 0  # and it can be pulled again
 
 
 def test_a_hub_that_cannot_be_reached_falls_back_to_the_cache(hub: HubStub) -> None:
