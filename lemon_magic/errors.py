@@ -19,7 +19,17 @@ fields a UI needs (``model``, ``returncode``, ``log_tail``)::
     ├── InferenceError              a request to a ready backend failed
     │   ├── BackendCrashed          the backend exited while serving the request
     │   └── RequestTimeout          the request ran past its deadline or idle gap
-    └── WaitTimeout                 a bounded wait ran out
+    ├── WaitTimeout                 a bounded wait ran out
+    └── PullError                   a pull from the Hugging Face Hub that did not complete
+        ├── InvalidCheckpoint (ValueError)  not ``org/repo[:VARIANT]``
+        ├── HubUnreachable          offline (HF_HUB_OFFLINE) or the Hub cannot be reached
+        ├── RepoNotFound            no such repo (or a private one, without a token)
+        ├── RepoAccessDenied        a gated or private repo, without a token that has access
+        ├── VariantNotFound         no file of the repo matches the variant
+        ├── DiskFull                not enough free space for the download
+        ├── ChecksumMismatch        a downloaded file is not what the Hub lists
+        ├── NotGGUF                 a downloaded model file is not GGUF
+        └── PullCancelled           the pull was cancelled (Stop)
 
 Misuse of the API (a closed router) raises :class:`RouterClosed`, a
 ``RuntimeError``; a lifecycle bug (a state change the transition table does not
@@ -36,10 +46,14 @@ __all__ = (
     "BackendExited",
     "BackendStartError",
     "BackendUnavailable",
+    "ChecksumMismatch",
+    "DiskFull",
     "HealthCheckTimeout",
+    "HubUnreachable",
     "IllegalTransition",
     "InferenceError",
     "Interrupted",
+    "InvalidCheckpoint",
     "InvalidModelFile",
     "InvalidOptions",
     "LemonError",
@@ -48,9 +62,15 @@ __all__ = (
     "ModelNotFound",
     "ModelNotLoaded",
     "NotEnoughMemory",
+    "NotGGUF",
+    "PullCancelled",
+    "PullError",
+    "RepoAccessDenied",
+    "RepoNotFound",
     "RequestTimeout",
     "RouterClosed",
     "SlotsFull",
+    "VariantNotFound",
     "WaitTimeout",
 )
 
@@ -183,6 +203,105 @@ class RequestTimeout(InferenceError):
 
 class WaitTimeout(LemonError):
     """Raised when a bounded wait (for a load, or for requests to drain) runs out."""
+
+
+class PullError(LemonError):
+    """Base of the errors that end a pull from the Hugging Face Hub; ``checkpoint`` names it.
+
+    A failed pull leaves the cache as it was: files of the checkpoint that were
+    complete before stay, a file that failed its checks is removed.
+    """
+
+    def __init__(self, message: str, *, checkpoint: str | None = None) -> None:
+        super().__init__(message, model=checkpoint)
+        self.checkpoint = checkpoint
+
+
+class InvalidCheckpoint(PullError, ValueError):
+    """Raised when a checkpoint is not written ``org/repo`` or ``org/repo:VARIANT``."""
+
+    def __init__(self, text: str, problem: str) -> None:
+        super().__init__(f"checkpoint {text!r} {problem} (write org/repo or org/repo:VARIANT)",
+                         checkpoint=text)
+
+
+class HubUnreachable(PullError):
+    """Raised when a checkpoint is not in the local cache and the Hub cannot be asked: offline mode
+    (``HF_HUB_OFFLINE=1``) or no connection; ``available`` lists what is downloaded."""
+
+    def __init__(self, checkpoint: str, why: str, available: Sequence[str] = ()) -> None:
+        self.available = tuple(available)
+        have = (f"downloaded: {', '.join(self.available)}" if self.available
+                else "no model is downloaded")
+        super().__init__(f"cannot pull {checkpoint}: {why}, and it is not downloaded ({have})",
+                         checkpoint=checkpoint)
+
+
+class RepoNotFound(PullError):
+    """Raised when the Hub has no such repo (or revision); without a token, a private repo
+    looks the same, so the message says so."""
+
+    def __init__(self, checkpoint: str, repo: str, endpoint: str, *, has_token: bool) -> None:
+        hint = "" if has_token else " (if it is private, set HF_TOKEN)"
+        super().__init__(f"no repo {repo} on {endpoint}{hint}", checkpoint=checkpoint)
+
+
+class RepoAccessDenied(PullError):
+    """Raised on 401/403: a gated or private repo without a token that has access, or a token
+    the Hub refuses (``token_refused``: invalid or revoked)."""
+
+    def __init__(self, checkpoint: str, repo: str, status: int, *, has_token: bool,
+                 token_refused: bool = False) -> None:
+        self.status = status
+        if token_refused:
+            text = f"the Hub refused the token in HF_TOKEN (HTTP {status}): fix it, or unset it for {repo}"
+        else:
+            fix = ("the token in HF_TOKEN has no access to it (accept its conditions on the Hub, or use "
+                   "a token that can read it)") if has_token else "set HF_TOKEN to a token that can read it"
+            text = f"repo {repo} is gated or private (HTTP {status}): {fix}"
+        super().__init__(text, checkpoint=checkpoint)
+
+
+class VariantNotFound(PullError):
+    """Raised when no GGUF file of the repo matches the variant; ``variants`` lists those there are."""
+
+    def __init__(self, checkpoint: str, variant: str, variants: Sequence[str]) -> None:
+        self.variants = tuple(variants)
+        there = ", ".join(self.variants) if self.variants else "none: the repo has no .gguf file"
+        super().__init__(f"no file of {checkpoint.split(':')[0]} matches {variant!r} (variants: {there})",
+                         checkpoint=checkpoint)
+
+
+class DiskFull(PullError):
+    """Raised when the cache's disk has less free space than the download needs."""
+
+    def __init__(self, checkpoint: str, needed: int, free: int, where: str) -> None:
+        self.needed, self.free = needed, free
+        super().__init__(f"not enough disk space to pull {checkpoint}: {needed / 1e6:.1f} MB needed, "
+                         f"{free / 1e6:.1f} MB free in {where}", checkpoint=checkpoint)
+
+
+class ChecksumMismatch(PullError):
+    """Raised when a downloaded file's sha256 differs from the one the Hub lists (it is removed)."""
+
+    def __init__(self, checkpoint: str, filename: str, expected: str, actual: str) -> None:
+        super().__init__(f"{filename} of {checkpoint} is corrupt: sha256 {actual[:12]}..., "
+                         f"the Hub lists {expected[:12]}... (removed; pull again)", checkpoint=checkpoint)
+
+
+class NotGGUF(PullError):
+    """Raised when a downloaded model file does not start with the GGUF magic (it is removed)."""
+
+    def __init__(self, checkpoint: str, filename: str, head: bytes) -> None:
+        super().__init__(f"{filename} of {checkpoint} is not a GGUF file (it starts with {head!r})",
+                         checkpoint=checkpoint)
+
+
+class PullCancelled(PullError):
+    """Raised when a pull is cancelled; files completed before stay in the cache."""
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(f"the pull of {checkpoint} was cancelled", checkpoint=checkpoint)
 
 
 class RouterClosed(RuntimeError):
