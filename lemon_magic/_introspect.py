@@ -49,8 +49,9 @@ def status(router: AsyncRouter) -> list[ModelStatus]:
             _capacity.rss(proc) if proc else None, m.pinned, m.load_seconds,
             m.last_used_wall, m.busy, m.last_error.render() if m.last_error else None,
             tuple(m.log_tail(20)), now_wall - (now - m.state_since),
-            None if idle_at is None else now_wall + (idle_at - now), proc.argv if proc else None))
-    return out
+            None if idle_at is None else now_wall + (idle_at - now), proc.argv if proc else None,
+            router._pulls.download(m.name)))
+    return out + router._pulls.statuses({s.name for s in out})
 
 
 def try_noop(router: AsyncRouter, model: str, options: LoadOptions) -> LoadResult | None:

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from lemon_magic._policy import ModelState
 from lemon_magic.options import LoadOptions, ResolvedOptions
 
-__all__ = ("Chunk", "Completion", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
-           "RouterConfig", "RouterEvent", "UnloadResult")
+__all__ = ("Chunk", "Completion", "DeleteResult", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
+           "PullResult", "RouterConfig", "RouterEvent", "UnloadResult")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,35 @@ class UnloadResult:
     seconds: float
     #: the model was still loading; its load was cancelled
     cancelled_load: bool = False
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What ``pull`` did: the checkpoint is in the Hub's cache and registered as ``model``."""
+
+    model: str
+    #: ``org/repo:VARIANT``, with the variant that was chosen
+    checkpoint: str
+    #: the file a load starts (the first part of a split model)
+    path: str
+    #: bytes of all its files
+    size: int
+    #: bytes this pull transferred (0: all were in the cache already)
+    downloaded: int
+    seconds: float
+    #: this call joined a pull that another caller started
+    joined: bool = False
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """What ``delete`` did."""
+
+    model: str
+    #: the pid of the backend that was unloaded first (``None``: it was not loaded)
+    unloaded_pid: int | None
+    #: bytes removed from the Hub's cache (0: its files were not pulled, or are shared)
+    freed: int
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,8 @@ class ModelStatus:
     idle_unload_at: float | None = None
     #: the backend's command line, executable first (``None``: no process)
     argv: tuple[str, ...] | None = None
+    #: a pull of its file in progress, e.g. ``downloading 34 % (120/350 MB), 2.1 MB/s, 0:19 left``
+    download: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +197,8 @@ class ModelEntry:
     """A model the router can load by name, as ``models()`` lists it."""
 
     name: str
-    #: ``"builtin"``, ``"user"`` or ``"path"`` (a .gguf path the router has seen)
+    #: ``"builtin"``, ``"user"``, ``"path"`` (a .gguf path the router has seen) or ``"catalog"``
+    #: (a model of the built-in catalogue, pulled on first load)
     source: str
     kind: str
     #: the GGUF file, or why it cannot be used (a registration gone bad)
@@ -176,6 +208,10 @@ class ModelEntry:
     state: ModelState = ModelState.UNLOADED
     description: str = ""
     problem: str | None = None
+    #: the Hub checkpoint it was (or, for the catalogue, would be) pulled from
+    checkpoint: str | None = None
+    #: bytes of its file(s) (for the catalogue: the approximate download)
+    size: int | None = None
 
 
 @dataclass(frozen=True)

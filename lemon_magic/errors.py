@@ -61,6 +61,7 @@ __all__ = (
     "LoadError",
     "ModelNotFound",
     "ModelNotLoaded",
+    "NotDownloaded",
     "NotEnoughMemory",
     "NotGGUF",
     "PullCancelled",
@@ -107,10 +108,12 @@ class LemonError(Exception):
 class ModelNotFound(LemonError):
     """Raised when a model name is neither registered nor a path to a ``.gguf`` file."""
 
-    def __init__(self, name: str, known: Sequence[str] = (), *, paths: bool = True) -> None:
-        """:param paths: whether a ``.gguf`` path would have been taken (not over HTTP)."""
+    def __init__(self, name: str, known: Sequence[str] = (), *, paths: bool = True,
+                 what: str | None = None) -> None:
+        """:param paths: whether a ``.gguf`` path would have been taken (not over HTTP).
+        :param what: what ``name`` should have been, if not a model name."""
         hint = f" (known models: {', '.join(sorted(known))})" if known else ""
-        what = "a registered name or a .gguf path" if paths else "a registered model name"
+        what = what or ("a registered name or a .gguf path" if paths else "a registered model name")
         super().__init__(f"unknown model {name!r}: not {what}{hint}", model=name)
 
 
@@ -295,6 +298,16 @@ class NotGGUF(PullError):
     def __init__(self, checkpoint: str, filename: str, head: bytes) -> None:
         super().__init__(f"{filename} of {checkpoint} is not a GGUF file (it starts with {head!r})",
                          checkpoint=checkpoint)
+
+
+class NotDownloaded(LemonError):
+    """Raised by ``plan`` for a model that a load would pull first (not an error of the load)."""
+
+    def __init__(self, model: str, checkpoint: str, size: int | None = None) -> None:
+        self.checkpoint, self.size = checkpoint, size
+        about = f", about {size / 1e6:.0f} MB" if size else ""
+        super().__init__(f"{model} is not downloaded yet: loading it pulls {checkpoint} from the "
+                         f"Hugging Face Hub first{about}", model=model)
 
 
 class PullCancelled(PullError):

@@ -41,6 +41,8 @@ class ModelSpec:
     defaults: LoadOptions = field(default_factory=LoadOptions)
     source: str = "path"  # "builtin" | "user" | "path"
     description: str = ""
+    #: the Hub checkpoint (``org/repo:VARIANT``) its file was pulled from, if it was
+    checkpoint: str | None = None
 
     @property
     def info(self) -> GGUFInfo:
@@ -95,22 +97,27 @@ def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
         defaults = entry.get("defaults", {})
         if not isinstance(defaults, dict):
             raise TypeError("its defaults are not a table")
+        checkpoint = entry.get("checkpoint")
         return ModelSpec(name, Path(entry["path"]), kind, LoadOptions.from_kwargs(defaults), "user",
-                         str(entry.get("description", "")))
+                         str(entry.get("description", "")),
+                         checkpoint if isinstance(checkpoint, str) else None)
     except (TypeError, InvalidOptions) as exc:
         problem = exc.message if isinstance(exc, InvalidOptions) else str(exc)
         raise InvalidModelFile(str(registry), f"has a malformed entry for {name!r}: {problem} "
                                "(register it again or edit the file)", model=name) from None
 
 
-def _check_name(name: object) -> str:
+def _check_name(name: object, *, pulled: bool = False) -> str:
+    """:param pulled: a pulled model may be named by its checkpoint (``org/repo:VARIANT``)."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidOptions(f"a model name must be a non-empty string, got {name!r}")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidOptions(f"model name {name!r} is not valid UTF-8") from None
-    if any(c.isspace() or not c.isprintable() for c in name) or "/" in name:
+    slashes = name.count("/")
+    if any(c.isspace() or not c.isprintable() for c in name) or slashes > (1 if pulled else 0) \
+            or (pulled and name.startswith(("/", ".", "~"))):
         raise InvalidOptions(f"model name {name!r} must not contain spaces, slashes or control "
                              "characters")
     return name
@@ -179,7 +186,7 @@ class Registry:
                                       problem=exc.message))
                 continue
             out.append(ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(),
-                                  state, spec.description))
+                                  state, spec.description, checkpoint=spec.checkpoint))
         listed = {e.name for e in out}
         out += [ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(), state)
                 for name, (spec, state) in known.items() if name not in listed]
@@ -214,19 +221,26 @@ class Registry:
         raise ModelNotFound(name, self.names())
 
     def register(self, name: str, path: str | os.PathLike[str], *, kind: str = "llm",
-                 description: str = "", **defaults: Any) -> ModelSpec:
-        """Register ``name`` for a GGUF file, with default load options; persists at once."""
-        _check_name(name)
+                 description: str = "", checkpoint: str | None = None, **defaults: Any) -> ModelSpec:
+        """Register ``name`` for a GGUF file, with default load options; persists at once.
+
+        :param checkpoint: the Hub checkpoint the file was pulled from; ``path`` is then kept
+            as given (a snapshot link in the Hub's cache: split files are found by their names).
+        """
+        _check_name(name, pulled=checkpoint is not None)
         if name == DEFAULT_MODEL:
             raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
         if kind not in MODEL_KINDS:
             raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
-        file = Path(path).expanduser().resolve()
+        file = Path(path).expanduser()
+        file = file.absolute() if checkpoint else file.resolve()
         read_gguf_info(file)
         opts = LoadOptions.from_kwargs(defaults)
         entry: dict[str, Any] = {"path": str(file), "kind": kind, "description": description,
                                  "defaults": {k: (list(v) if isinstance(v, tuple) else v)
                                               for k, v in vars(opts).items() if v is not None}}
+        if checkpoint:
+            entry["checkpoint"] = checkpoint
         with self._lock:
             data = self._load_user()
             data[name] = entry

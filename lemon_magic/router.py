@@ -27,15 +27,17 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from lemon_magic import _capacity, _catalog, _idle, _introspect, _loading, _requests
+from lemon_magic import _capacity, _catalog, _idle, _introspect, _loading, _pulling, _requests
 from lemon_magic._policy import Decision, ModelState, decide
 from lemon_magic._records import (
     Chunk,
     Completion,
+    DeleteResult,
     LoadResult,
     ModelEntry,
     ModelStatus,
     Plan,
+    PullResult,
     RouterConfig,
     RouterEvent,
     UnloadResult,
@@ -87,6 +89,7 @@ class AsyncRouter:
         self._settings_changed = anyio.Event()
         self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
         self._serving: Serving | None = None
+        self._pulls = _pulling.Pulls(self)
 
     async def __aenter__(self) -> AsyncRouter:
         reap_orphans()
@@ -107,6 +110,7 @@ class AsyncRouter:
         if self._closed:
             return
         self._closed = True
+        self._pulls.cancel_all()
         with anyio.CancelScope(shield=True):
             await self.stop_serving()
             await self._unload_all(reason="the router is closing")
@@ -192,10 +196,28 @@ class AsyncRouter:
         """
         return await _catalog.unregister(self, name)
 
-    def models(self) -> list[ModelEntry]:
+    def models(self, *, all: bool = False) -> list[ModelEntry]:
         """Every model loadable by name (built-in, registered, and paths the router has run),
-        with its state; reads the registrations file, never a model file."""
-        return self.registry.entries({m.name: (m.spec, m.state) for m in self._models.values()})
+        with its state, and with ``all`` the catalogue's models not pulled yet; reads the
+        registrations file, never a model file."""
+        entries = self.registry.entries({m.name: (m.spec, m.state) for m in self._models.values()})
+        return entries + _pulling.catalog_entries({e.name for e in entries}) if all else entries
+
+    async def pull(self, model: str, *, name: str | None = None) -> PullResult:
+        """Pull a catalogue model or a checkpoint (``org/repo[:VARIANT]``) from the Hugging Face
+        Hub and register it as ``name`` (default: ``model``); concurrent pulls and loads of one
+        name make one transfer (see :mod:`lemon_magic._pulling`).
+
+        :raises PullError: the pull failed or was cancelled (nothing is registered).
+        """
+        return await _pulling.pull(self, model, name)
+
+    async def delete(self, model: str) -> DeleteResult:
+        """Unload, unregister and remove the pulled files of a registered model.
+
+        :raises ModelNotFound: ``model`` is not a user registration.
+        """
+        return await self._pulls.delete(model)
 
     # ----------------------------------------------------------------- loading
 
@@ -214,7 +236,7 @@ class AsyncRouter:
         """
         began = time.monotonic()
         requested = options or LoadOptions()
-        spec = await self._spec(model)
+        spec = await _pulling.spec_or_pull(self, model)
         name = spec.name
         joined: Load | None = None
         started_here: Load | None = None
@@ -436,8 +458,11 @@ class AsyncRouter:
     # ----------------------------------------------------------------- introspection
 
     async def plan(self, model: str, options: LoadOptions | None = None) -> Plan:
-        """What an explicit load with ``options`` would do, from the same decision function."""
-        spec = await self._spec(model)
+        """What an explicit load with ``options`` would do, from the same decision function.
+
+        :raises NotDownloaded: the load would pull the model first.
+        """
+        spec = await _pulling.spec_for_plan(self, model)
         return _introspect.plan(self, spec, self.resolve(spec, options or LoadOptions()))
 
     def status(self) -> list[ModelStatus]:

@@ -1,0 +1,315 @@
+"""Models by name from the Hugging Face Hub, under the load contract: one pull per model.
+
+A name that is neither registered nor a path can still be loaded when it is
+pullable (:func:`pull_target`): a model of the built-in catalogue
+(``Qwen3-0.6B-GGUF``) or a checkpoint (``org/repo[:VARIANT]``). Its first load,
+auto-load or ``pull`` starts a *pull flight*, a task in the router's task group:
+``huggingface_hub`` downloads the files in a worker thread (:mod:`lemon_magic._hub`),
+then the model is registered under that name, and only then can a load spawn a
+backend. Any number of callers of one name join the same flight: one transfer,
+then one spawn. A caller that goes away (Stop) stops waiting; when the last one
+has gone, the download is cancelled (files completed before stay in the cache)
+and nothing is registered. A failed pull leaves the registry as it was.
+
+While a flight runs, ``status()`` has a row for the model whose ``download`` says
+how far it is, and subscribers get an event (``unloaded → unloaded`` with the
+progress as ``detail``) at most every :data:`PROGRESS_EVERY` seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from lemon_magic import _hub
+from lemon_magic._hubcatalog import catalog_entry, load_catalog
+from lemon_magic._policy import ModelState
+from lemon_magic._records import DeleteResult, ModelEntry, ModelStatus, PullResult, RouterEvent
+from lemon_magic.errors import (
+    InvalidCheckpoint,
+    InvalidModelFile,
+    LemonError,
+    ModelNotFound,
+    NotDownloaded,
+    PullError,
+)
+from lemon_magic.options import LoadOptions
+from lemon_magic.registry import ModelSpec, Registry
+
+if TYPE_CHECKING:
+    from lemon_magic.router import AsyncRouter
+
+__all__ = ("PROGRESS_EVERY", "PullTarget", "Pulls", "catalog_entries", "looks_like_checkpoint",
+           "pull", "pull_target", "registered_target", "spec_for_plan", "spec_or_pull")
+
+#: seconds between two progress events of one pull
+PROGRESS_EVERY = 0.25
+
+
+@dataclass(frozen=True)
+class PullTarget:
+    """What pulling a name means: which checkpoint, and how to register it."""
+
+    name: str
+    checkpoint: str
+    kind: str = "llm"
+    description: str = ""
+    defaults: LoadOptions = field(default_factory=LoadOptions)
+
+
+def looks_like_checkpoint(text: str) -> bool:
+    """Whether ``text`` is a Hub checkpoint (``org/repo[:VARIANT]``) rather than a file path:
+    one slash, no leading ``/``, ``.`` or ``~``, a ``.gguf`` ending only after a ``:``, and no
+    such file here."""
+    if text.count("/") != 1 or text.startswith(("/", ".", "~")):
+        return False
+    if text.lower().endswith(".gguf") and ":" not in text:
+        return False
+    try:
+        _hub.Checkpoint.parse(text)
+    except InvalidCheckpoint:
+        return False
+    return not Path(text).exists()
+
+
+def pull_target(name: str, *, register_as: str | None = None) -> PullTarget | None:
+    """The pull that ``name`` means (``None``: it is not pullable): a catalogue model (its
+    checkpoint, kind and load defaults) or a checkpoint, registered as ``register_as`` (by
+    default: ``name`` itself)."""
+    entry = catalog_entry(name)
+    if entry is not None:
+        return PullTarget(register_as or entry.name, entry.checkpoint, entry.kind, entry.description,
+                          entry.defaults)
+    if looks_like_checkpoint(name):
+        return PullTarget(register_as or name, name)
+    return None
+
+
+async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
+    """The spec of ``model``, pulling it first if it is pullable and not here: a catalogue
+    model or a checkpoint never seen, or a pulled model whose files have gone."""
+    try:
+        return await router._spec(model)
+    except (ModelNotFound, InvalidModelFile):
+        target = registered_target(router.registry, model) or pull_target(model)
+        if target is None:
+            raise
+    await router._pulls.pull(target)
+    return await router._spec(model)
+
+
+async def spec_for_plan(router: AsyncRouter, model: str) -> ModelSpec:
+    """The spec of ``model`` for ``plan``, which never pulls.
+
+    :raises NotDownloaded: a load would pull it first.
+    """
+    try:
+        return await router._spec(model)
+    except (ModelNotFound, InvalidModelFile):
+        target = registered_target(router.registry, model) or pull_target(model)
+        if target is None:
+            raise
+    entry = catalog_entry(target.name)
+    raise NotDownloaded(model, target.checkpoint, entry.size if entry else None)
+
+
+async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
+    """``router.pull``: a catalogue model, a checkpoint, or a pulled model's name (pulled again:
+    only what changed on the Hub is fetched), registered as ``name`` (default: ``model``).
+
+    :raises ModelNotFound: ``model`` is none of those.
+    """
+    target = registered_target(router.registry, model) if name is None else None
+    target = target or pull_target(model, register_as=name)
+    if target is None:
+        raise ModelNotFound(model, [e.name for e in catalog_entries(set())], paths=False,
+                            what="a catalogue model or a checkpoint (org/repo or org/repo:VARIANT)")
+    return await router._pulls.pull(target)
+
+
+def registered_target(registry: Registry, name: str) -> PullTarget | None:
+    """The pull of a registered, pulled model (``None``: ``name`` was not pulled)."""
+    try:
+        spec = registry.lookup(name)
+    except LemonError:
+        return None
+    if spec.checkpoint is None:
+        return None
+    return PullTarget(name, spec.checkpoint, spec.kind, spec.description, spec.defaults)
+
+
+def catalog_entries(registered: set[str]) -> list[ModelEntry]:
+    """The catalogue's models that are not registered (yet), as ``models(all=True)`` lists them."""
+    return [ModelEntry(e.name, "catalog", e.kind, e.checkpoint, False, description=e.description,
+                       checkpoint=e.checkpoint, size=e.size)
+            for e in load_catalog().values() if e.name not in registered]
+
+
+@dataclass(eq=False)
+class _Flight:
+    target: PullTarget
+    started: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    waiters: int = 0
+    #: the latest report from the worker thread (written there, read on the loop)
+    progress: _hub.PullProgress | None = None
+    result: PullResult | None = None
+    error: LemonError | None = None
+
+
+class Pulls:
+    """The router's pull flights, by the name they register (loop thread only)."""
+
+    def __init__(self, router: AsyncRouter) -> None:
+        self._router = router
+        self._flights: dict[str, _Flight] = {}
+
+    async def pull(self, target: PullTarget) -> PullResult:
+        """Pull ``target`` and register it, joining a pull of the same name in flight.
+
+        :raises PullError: the pull failed or was cancelled (nothing is registered).
+        :raises LemonError: the registration failed.
+        """
+        flight = self._flights.get(target.name)
+        joined = flight is not None
+        if flight is None:
+            flight = self._flights[target.name] = _Flight(target)
+            assert self._router._tg is not None
+            self._router._tg.start_soon(self._run, flight)
+        flight.waiters += 1
+        try:
+            await flight.done.wait()
+        finally:
+            flight.waiters -= 1
+            if not flight.waiters and not flight.done.is_set():
+                flight.cancel.set()  # nobody waits any more (Stop): end the transfer
+        if flight.error is not None:
+            raise flight.error
+        assert flight.result is not None
+        return flight.result if not joined else _joined(flight.result)
+
+    def cancel_all(self) -> None:
+        """Cancel every pull (the router is closing)."""
+        for flight in self._flights.values():
+            flight.cancel.set()
+
+    def statuses(self, known: set[str]) -> list[ModelStatus]:
+        """A row for each model being pulled that has no row in ``known``."""
+        return [ModelStatus(name, f.target.kind, ModelState.UNLOADED, None, None, None, None, None,
+                            False, None, None, 0, None, (), since=time.time() - (time.monotonic() - f.started),
+                            download=_describe(f))
+                for name, f in self._flights.items() if name not in known]
+
+    def download(self, name: str) -> str | None:
+        """How far the pull of ``name`` is (``None``: none runs)."""
+        flight = self._flights.get(name)
+        return _describe(flight) if flight is not None else None
+
+    async def _run(self, flight: _Flight) -> None:
+        target, router = flight.target, self._router
+        name = target.name
+
+        def report(progress: _hub.PullProgress) -> None:  # on the worker thread
+            flight.progress = progress
+
+        self._emit(name, f"pulling {target.checkpoint}")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._report_progress, flight)
+                try:
+                    pulled = await anyio.to_thread.run_sync(functools.partial(
+                        _hub.pull, target.checkpoint, progress=report, cancel=flight.cancel))
+                    flight.result = await self._register(target, pulled, flight.started)
+                finally:
+                    tg.cancel_scope.cancel()
+        except LemonError as exc:
+            flight.error = exc
+        except Exception as exc:  # a bug or an unexpected failure: still one clear error
+            flight.error = PullError(f"the pull of {target.checkpoint} failed: {type(exc).__name__}: "
+                                     f"{exc}", checkpoint=target.checkpoint)
+        finally:
+            del self._flights[name]
+            flight.done.set()
+            self._emit(name, str(flight.error) if flight.error else _describe(flight))
+
+    async def _register(self, target: PullTarget, pulled: _hub.PulledModel, began: float) -> PullResult:
+        """Register the pulled file under ``target.name``; a name registered before keeps its
+        saved options and description."""
+        router = self._router
+        defaults, kind, description = target.defaults, target.kind, target.description
+        try:
+            spec = router.registry.lookup(target.name)
+            if spec.source == "user":
+                defaults, kind, description = spec.defaults, spec.kind, spec.description or description
+        except LemonError:
+            pass
+        saved = {k: v for k, v in vars(defaults).items() if v is not None}
+        await router.register(target.name, pulled.path, kind=kind, description=description,
+                              checkpoint=pulled.checkpoint, **saved)
+        return PullResult(target.name, pulled.checkpoint, pulled.path, pulled.size, pulled.downloaded,
+                          time.monotonic() - began)
+
+    async def _report_progress(self, flight: _Flight) -> None:
+        last = None
+        while True:
+            await anyio.sleep(PROGRESS_EVERY)
+            if flight.progress is not last and flight.progress is not None:
+                last = flight.progress
+                self._emit(flight.target.name, _describe(flight) or "")
+
+    def _emit(self, name: str, detail: str) -> None:
+        now = time.time()
+        self._router._emit(RouterEvent(name, ModelState.UNLOADED, ModelState.UNLOADED, now, 0.0, detail))
+
+    async def delete(self, name: str) -> DeleteResult:
+        """Unload ``name`` if it is loaded, forget its registration, and remove its files from
+        the Hub's cache if it was pulled (files another registration uses stay).
+
+        :raises ModelNotFound: ``name`` is not a user registration.
+        """
+        router = self._router
+        if name not in router.registry.user_names():
+            raise ModelNotFound(name, router.registry.user_names(), paths=False)
+        spec = router.registry.lookup(name)
+        unloaded = await router.unregister(name)
+        freed = 0
+        if spec.checkpoint is not None and not self._shared(spec.checkpoint, spec.path):
+            freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
+        return DeleteResult(name, unloaded.pid if unloaded else None, freed)
+
+    def _shared(self, checkpoint: str, path: Path) -> bool:
+        """Whether another registration uses the same pulled file."""
+        registry = self._router.registry
+        for other in registry.user_names():
+            try:
+                spec = registry.lookup(other)
+            except LemonError:
+                continue
+            if spec.checkpoint is not None and os.path.realpath(spec.path) == os.path.realpath(path):
+                return True
+        return False
+
+
+def _joined(result: PullResult) -> PullResult:
+    return PullResult(result.model, result.checkpoint, result.path, result.size, 0, result.seconds,
+                      joined=True)
+
+
+def _describe(flight: _Flight) -> str | None:
+    if flight.error is not None:
+        return None
+    progress = flight.progress
+    if flight.result is not None:
+        return f"pulled {flight.result.checkpoint} ({flight.result.size / 1e6:.0f} MB)"
+    if progress is None:
+        return f"downloading {flight.target.checkpoint}: starting"
+    return progress.describe()
+
