@@ -96,6 +96,19 @@ class PullProgress:
     def fraction(self) -> float:
         return 1.0 if self.total <= 0 else min(1.0, self.done / self.total)
 
+    def describe(self) -> str:
+        """One line for a terminal or a panel row: ``downloading 34 % (120/350 MB), 12.0 MB/s, 0:19 left``."""
+        if self.finished:
+            return f"downloaded {self.total / 1e6:.0f} MB"
+        text = f"downloading {self.fraction:.0%} ({self.done / 1e6:.0f}/{self.total / 1e6:.0f} MB)"
+        text = text.replace("%", " %", 1)
+        if self.rate > 0:
+            text += f", {self.rate / 1e6:.1f} MB/s"
+        if self.eta is not None:
+            minutes, seconds = divmod(round(self.eta), 60)
+            text += f", {minutes}:{seconds:02d} left"
+        return text
+
 
 # -- pulling ------------------------------------------------------------------------------------
 

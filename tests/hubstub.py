@@ -23,6 +23,10 @@ accepts (a token the stub does not know gets 401 everywhere, as a revoked one do
 ``corrupt`` (bodies with a flipped byte, same length), ``throttle`` (bytes per
 second), and the record of every request (``gets(repo, file)``, ``requests``).
 The ``hub`` fixture starts one and points ``HF_ENDPOINT`` and an isolated cache at it.
+
+For a notebook or a bench in another process: ``python -m tests.hubstub`` serves
+:data:`DEMO_REPOS` (tiny GGUF models), prints its URL on the first line of stdout
+and runs until its stdin closes.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import pytest
 
 from tests.tinygguf import write_tiny_llama
 
-__all__ = ("HubStub", "Request", "StubRepo", "hub", "split_gguf", "tiny_gguf")
+__all__ = ("DEMO_REPOS", "HubStub", "Request", "StubRepo", "demo_repos", "hub", "main", "split_gguf",
+           "tiny_gguf")
 
 
 @cache
@@ -376,3 +381,35 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubStub]:
         yield stub
     finally:
         stub.stop()
+
+
+#: the repos of the demo Hub (``python -m tests.hubstub``): a tiny chat-less llama in two
+#: "quantizations" (Q4_K_M, Q8_0), and a split one (F32, three parts) with an mmproj file
+DEMO_REPOS = ("lemon/tiny-GGUF", "lemon/split-GGUF")
+
+
+def demo_repos(stub: HubStub) -> HubStub:
+    """Add :data:`DEMO_REPOS` to ``stub``."""
+    stub.add_repo(DEMO_REPOS[0], {"tiny-Q4_K_M.gguf": tiny_gguf(1), "tiny-Q8_0.gguf": tiny_gguf(2),
+                                  "README.md": b"# tiny test models\n"})
+    parts = split_gguf(4)
+    stub.add_repo(DEMO_REPOS[1], {**{f"tiny-F32-{i:05d}-of-{len(parts):05d}.gguf": p
+                                     for i, p in enumerate(parts, 1)},
+                                  "mmproj-tiny-F16.gguf": tiny_gguf(5)})
+    return stub
+
+
+def main() -> None:
+    """Serve the demo repos until stdin closes; the URL is the first line of stdout."""
+    import sys
+
+    stub = demo_repos(HubStub()).start()
+    print(stub.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        stub.stop()
+
+
+if __name__ == "__main__":
+    main()

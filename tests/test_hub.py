@@ -93,6 +93,14 @@ def test_labels_default_order_split_sets_and_mmproj() -> None:
         choose_files(ck, [RepoFile("README.md", 1)])
 
 
+def test_progress_reads_as_one_line() -> None:
+    p = PullProgress("o/r:Q4_0", "f.gguf", 120_000_000, 350_000_000, 12_000_000, 19.2)
+    assert p.describe() == "downloading 34 % (120/350 MB), 12.0 MB/s, 0:19 left"
+    assert PullProgress("o/r:Q4_0", "f.gguf", 0, 350_000_000, 0.0, None).describe() == \
+        "downloading 0 % (0/350 MB)"
+    assert PullProgress("o/r", "f", 5, 5, 1.0, 0.0, finished=True).describe() == "downloaded 0 MB"
+
+
 # -- pulls ---------------------------------------------------------------------------------------
 
 
@@ -374,6 +382,27 @@ def test_two_processes_pulling_one_model_make_one_transfer(hub: HubStub) -> None
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted(int(o) for o in outs) == [0, len(FILES["tiny-Q4_K_M.gguf"])]
     assert len(hub.gets(REPO, "tiny-Q4_K_M.gguf")) == 1
+
+
+def test_the_demo_hub_runs_as_a_process_for_notebooks(tmp_path: Path) -> None:
+    """``python -m tests.hubstub``: what a notebook under nbval (or a bench) points HF_ENDPOINT at."""
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, "-m", "tests.hubstub"], cwd=root, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path), "PYTHONPATH": str(root)}
+        env.pop("HF_HUB_CACHE", None)
+        code = "from lemon_magic._hub import pull; print(pull('lemon/split-GGUF').path)"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("tiny-F32-00001-of-00003.gguf")
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        assert server.wait(10) == 0
 
 
 def test_failures_map_to_one_line_errors() -> None:
