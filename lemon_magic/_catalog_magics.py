@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from IPython.core.error import UsageError
 from IPython.core.magic import line_magic
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from lemon_magic import _render
-from lemon_magic._magic_args import _no_abbrev, _parse
+from lemon_magic import _render, errors
+from lemon_magic._magic_args import _interrupted, _no_abbrev, _parse
+from lemon_magic._progress import PullBar
+from lemon_magic._render import describe_pull
 
 if TYPE_CHECKING:
     from lemon_magic.runtime import Router
@@ -22,21 +23,68 @@ __all__ = ("CatalogMagics",)
 
 
 class CatalogMagics:
-    """``%lemon_models``, ``%lemon_register``, ``%lemon_unregister``."""
+    """``%lemon_models``, ``%lemon_pull``, ``%lemon_delete``, ``%lemon_register``,
+    ``%lemon_unregister``."""
 
     @property
     def router(self) -> Router:
         raise NotImplementedError  # LemonMagics.router
 
+    @_no_abbrev
+    @magic_arguments()
+    @argument("--all", action="store_true",
+              help="also the built-in catalogue's models that are not pulled yet")
     @line_magic
     def lemon_models(self, line: str) -> _render.ModelsTable:
-        """Built-in and registered models, and which of them are loaded.
+        """Built-in, registered and pulled models, and which of them are loaded; with ``--all``
+        also the catalogue (loadable by name: the first load pulls it), with download sizes.
 
-        In [1]: %lemon_models
+        In [1]: %lemon_models --all
         """
-        if line.strip():
-            raise UsageError("%lemon_models takes no arguments")
-        return _render.ModelsTable(self.router.models())
+        args = _parse(self.lemon_models, line)
+        return _render.ModelsTable(self.router.models(all=args.all))
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("model", help="a catalogue name (%%lemon_models --all) or a Hub checkpoint: "
+                            "org/repo or org/repo:VARIANT (Q4_K_M, or a file name)")
+    @argument("--name", help="the name to register it as (default: as written)")
+    @line_magic
+    def lemon_pull(self, line: str) -> None:
+        """Download a model from the Hugging Face Hub and register it (no load); progress shows
+        in the cell, Stop cancels the download and registers nothing.
+
+        In [1]: %lemon_pull unsloth/Qwen3-0.6B-GGUF:Q8_0 --name qwen-small
+        pulled unsloth/Qwen3-0.6B-GGUF:Q8_0 as qwen-small (805 MB downloaded in 41.2 s)
+        """
+        args = _parse(self.lemon_pull, line)
+        bar = PullBar(args.name or args.model)
+        try:
+            result = self.router.pull(args.model, name=args.name, progress=bar)
+        except errors.Interrupted as exc:
+            raise _interrupted(exc) from None
+        finally:
+            bar.close()
+        print(describe_pull(result))
+
+    @_no_abbrev
+    @magic_arguments()
+    @argument("name", help="a registered or pulled model")
+    @line_magic
+    def lemon_delete(self, line: str) -> None:
+        """Unload a model if it is loaded, forget it, and remove its pulled files.
+
+        In [1]: %lemon_delete qwen-small
+        deleted qwen-small (removed 805 MB from the Hugging Face cache)
+        """
+        args = _parse(self.lemon_delete, line)
+        result = self.router.delete(args.name)
+        parts = []
+        if result.unloaded_pid:
+            parts.append(f"unloaded pid {result.unloaded_pid}")
+        if result.freed:
+            parts.append(f"removed {result.freed / 1e6:.0f} MB from the Hugging Face cache")
+        print(f"deleted {result.model}" + (f" ({'; '.join(parts)})" if parts else ""))
 
     @_no_abbrev
     @magic_arguments()

@@ -1,4 +1,4 @@
-"""Argument parsing shared by the magics."""
+"""Argument parsing and the Stop note, shared by the magics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-__all__ = ("_no_abbrev", "_parse")
+from lemon_magic import errors
+
+__all__ = ("Interrupted", "_interrupted", "_no_abbrev", "_parse")
 
 
 def _parse(magic: Callable[..., Any], line: str) -> Any:
@@ -25,3 +27,18 @@ def _no_abbrev(func: Callable[..., Any]) -> Callable[..., Any]:
     """Refuse argparse prefix matches (``--ctx`` for ``--ctx-size``): they hide typos."""
     func.parser.allow_abbrev = False  # type: ignore[attr-defined]
     return func
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised when Stop interrupts a magic; IPython shows only its one-line note."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"interrupted: {self.args[0]}"]
+
+
+def _interrupted(exc: errors.Interrupted) -> Interrupted:
+    """The magic's one truthful line for a Stop, by what the call was waiting for."""
+    if exc.phase == "load":
+        return Interrupted(f"stopped waiting for {exc.model} to load; the load goes on in the "
+                           f"background (%lemon_unload {exc.model} stops it)")
+    return Interrupted(str(exc))

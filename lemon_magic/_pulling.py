@@ -203,10 +203,15 @@ class Pulls:
 
     def statuses(self, known: set[str]) -> list[ModelStatus]:
         """A row for each model being pulled that has no row in ``known``."""
+        wall = time.time() - time.monotonic()
         return [ModelStatus(name, f.target.kind, ModelState.UNLOADED, None, None, None, None, None,
-                            False, None, None, 0, None, (), since=time.time() - (time.monotonic() - f.started),
-                            download=_describe(f))
+                            False, None, None, 0, None, (), since=wall + f.started, download=_describe(f))
                 for name, f in self._flights.items() if name not in known]
+
+    def progress(self, name: str) -> _hub.PullProgress | None:
+        """The latest progress report of the pull of ``name`` (``None``: none yet, or none runs)."""
+        flight = self._flights.get(name)
+        return flight.progress if flight is not None else None
 
     def download(self, name: str) -> str | None:
         """How far the pull of ``name`` is (``None``: none runs)."""
@@ -214,7 +219,7 @@ class Pulls:
         return _describe(flight) if flight is not None else None
 
     async def _run(self, flight: _Flight) -> None:
-        target, router = flight.target, self._router
+        target = flight.target
         name = target.name
 
         def report(progress: _hub.PullProgress) -> None:  # on the worker thread
@@ -238,7 +243,7 @@ class Pulls:
         finally:
             del self._flights[name]
             flight.done.set()
-            self._emit(name, str(flight.error) if flight.error else _describe(flight))
+            self._emit(name, str(flight.error) if flight.error else _describe(flight) or "")
 
     async def _register(self, target: PullTarget, pulled: _hub.PulledModel, began: float) -> PullResult:
         """Register the pulled file under ``target.name``; a name registered before keeps its

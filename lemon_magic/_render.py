@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lemon_magic._records import LoadResult, ModelEntry, ModelStatus
+from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult
 
 if TYPE_CHECKING:
     from lemon_magic.server.serve import ServingInfo
@@ -71,7 +71,8 @@ class StatusTable:
         self.serving = serving
 
     def rows(self) -> list[list[str]]:
-        return [[s.name, str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s), s.backend or "",
+        return [[s.name, s.download or str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s),
+                 s.backend or "",
                  str(s.pid or ""), _options(s), f"{s.rss / 2**20:.0f} MiB" if s.rss else "",
                  f"{s.load_seconds:.2f} s" if s.load_seconds else "",
                  (s.last_error or "").splitlines()[0] if s.last_error else ""]
@@ -95,15 +96,33 @@ class ModelsTable:
 
     def __init__(self, entries: Sequence[ModelEntry]) -> None:
         self.entries = list(entries)
-        self.rows_ = [[e.name, e.source, e.kind, str(e.state),
-                       f"({e.problem})" if e.problem else
-                       e.path + ("" if e.present else " (not on disk yet)")] for e in entries]
+        self.rows_ = [[e.name, e.source, e.kind, str(e.state), _where(e)] for e in entries]
 
     def __repr__(self) -> str:
         return _table(self.headers, self.rows_)
 
     def _repr_html_(self) -> str:
         return _html(self.headers, self.rows_)
+
+
+def _where(e: ModelEntry) -> str:
+    if e.problem:
+        return f"({e.problem})"
+    if e.source == "catalog":
+        size = f", about {e.size / 1e6:.0f} MB" if e.size else ""
+        return f"{e.checkpoint} (not downloaded{size}: the first load pulls it)"
+    pulled = f"{e.checkpoint}: " if e.checkpoint else ""
+    return pulled + e.path + ("" if e.present else " (not on disk yet)")
+
+
+def describe_pull(r: PullResult) -> str:
+    """One line for what a pull did, as ``%lemon_pull`` prints it."""
+    name = "" if r.model == r.checkpoint else f" as {r.model}"
+    if not r.downloaded:
+        return f"{r.checkpoint} is in the cache ({r.size / 1e6:.0f} MB): registered{name}"
+    joined = "; joined a pull already in flight" if r.joined else ""
+    return (f"pulled {r.checkpoint}{name} ({r.downloaded / 1e6:.0f} MB downloaded in "
+            f"{seconds(r.seconds)}{joined})")
 
 
 def seconds(s: float) -> str:

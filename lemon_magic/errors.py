@@ -335,13 +335,15 @@ class Interrupted(KeyboardInterrupt):
     """Raised when Stop (``KeyboardInterrupt``) ends a call that was waiting; says what goes on.
 
     ``phase`` is ``"load"`` (the model was still loading: the load goes on in the
-    background), ``"request"`` (a request was cancelled) or ``"stream"`` (the
-    generation was stopped; what was read is partial).
+    background), ``"pull"`` (its download is cancelled), ``"request"`` (a request was
+    cancelled) or ``"stream"`` (the generation was stopped; what was read is partial).
     """
 
     def __init__(self, model: str, phase: str) -> None:
         self.model, self.phase = model, phase
         text = {"load": f"stopped waiting for {model} to load; the load goes on in the background",
+                "pull": f"stopped the download of {model} (unless another caller waits for it: "
+                        "then it goes on); nothing is registered until it completes",
                 "request": "the request was cancelled",
                 "stream": "generation stopped; the text above is partial"}[phase]
         super().__init__(text)

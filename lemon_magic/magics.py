@@ -21,8 +21,9 @@ from traitlets import Bool, Float, Int, Unicode, observe
 
 from lemon_magic import _render, errors
 from lemon_magic._catalog_magics import CatalogMagics
-from lemon_magic._magic_args import _no_abbrev, _parse
+from lemon_magic._magic_args import Interrupted, _interrupted, _no_abbrev, _parse
 from lemon_magic._policy import ModelState
+from lemon_magic._progress import PullBar
 from lemon_magic._records import Completion
 from lemon_magic._render import describe_load, load_note, seconds
 from lemon_magic.errors import LemonError
@@ -34,21 +35,6 @@ __all__ = ("InferenceText", "Interrupted", "LemonMagics")
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
 _NBVAL_MARKER = re.compile(r"^\s*#\s*NBVAL_\w+\s*$", re.MULTILINE)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised when Stop interrupts a magic; IPython shows only its one-line note."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"interrupted: {self.args[0]}"]
-
-
-def _interrupted(exc: errors.Interrupted) -> Interrupted:
-    """The magic's one truthful line for a Stop, by what the call was waiting for."""
-    if exc.phase == "load":
-        return Interrupted(f"stopped waiting for {exc.model} to load; the load goes on in the "
-                           f"background (%lemon_unload {exc.model} stops it)")
-    return Interrupted(str(exc))
 
 
 class InferenceText(str):
@@ -170,13 +156,21 @@ class LemonMagics(CatalogMagics, Magics):
         options = {k: v for k, v in given.items() if v is not None}
         pin = True if args.pin else (False if args.unpin else None)
         model = self._model(args.model)
+        bar = PullBar(model)
         try:
-            plan = self.router.plan(model, **options)
-            if plan.action == "reload":
-                print(plan.describe() + " …", flush=True)  # said before the old process goes
-            result = self.router.load(model, pin=pin, **options)
+            try:
+                plan = self.router.plan(model, **options)
+                if plan.action == "reload":
+                    print(plan.describe() + " …", flush=True)  # said before the old process goes
+            except errors.NotDownloaded as exc:
+                print(exc.message + " …", flush=True)
+            result = self.router.load(model, pin=pin, progress=bar, **options)
+        except errors.Interrupted as exc:
+            raise _interrupted(exc) from None
         except KeyboardInterrupt:
             raise _interrupted(errors.Interrupted(model, "load")) from None
+        finally:
+            bar.close()
         print(describe_load(result))
 
     # ----------------------------------------------------------------- %%lemon_infer
@@ -402,7 +396,8 @@ class LemonMagics(CatalogMagics, Magics):
 
 
 MAGIC_NAMES = ("lemon_load", "lemon_infer", "lemon_unload", "lemon_status", "lemon_models",
-               "lemon_logs", "lemon_register", "lemon_unregister", "lemon_serve", "lemon_panel")
+               "lemon_logs", "lemon_register", "lemon_unregister", "lemon_pull", "lemon_delete",
+               "lemon_serve", "lemon_panel")
 _panel: Any = None  # the kernel's panel (one per kernel)
 
 

@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from lemon_magic import _capacity, _catalog, _idle, _introspect, _loading, _pulling, _requests
+from lemon_magic import _capacity, _catalog, _idle, _introspect, _loading, _pulling, _requests, _unloading
 from lemon_magic._policy import Decision, ModelState, decide
 from lemon_magic._records import (
     Chunk,
@@ -391,63 +391,10 @@ class AsyncRouter:
 
         :raises ModelNotLoaded: nothing is loaded or loading under that name.
         """
-        began = time.monotonic()
-        if self._closed and not _closing:
-            raise RouterClosed()
-        name = model
-        if name not in self._models:
-            try:
-                name = (await self._spec(model)).name
-            except LemonError:
-                raise ModelNotLoaded(model) from None
-        load: Load | None = None
-        while True:
-            async with self._lock:
-                m = self._models.get(name)
-                if m is None or m.state in (_S.UNLOADED, _S.FAILED):
-                    raise ModelNotLoaded(model)
-                pid = m.process.pid if m.process else None
-                if m.state is _S.CRASHED:
-                    m.forget(reason)
-                    return UnloadResult(name, None, time.monotonic() - began)
-                if m.state is _S.LOADING:
-                    assert m.load is not None
-                    load = m.load
-                    load.cancel_reason = f"{reason} while loading"
-                    load.scope.cancel()
-                    break
-                if m.state is _S.STOPPING:
-                    wait_for = m.changed
-                else:
-                    m.begin_stop(reason)
-                    break
-            await wait_for.wait()  # someone else is stopping it: wait, then look again
-        with anyio.CancelScope(shield=True):
-            if load is not None:
-                await load.done.wait()
-            else:
-                await self._finish_stop(m)
-        return UnloadResult(name, pid, time.monotonic() - began, cancelled_load=load is not None)
+        return await _unloading.unload(self, model, reason, closing=_closing)
 
     async def _unload_all(self, reason: str) -> list[UnloadResult]:
-        results: list[UnloadResult] = []
-        closing = self._closed
-
-        async def one(name: str) -> None:
-            try:
-                results.append(await self.unload(name, reason=reason, _closing=closing))
-            except ModelNotLoaded:
-                pass
-
-        # while closing, ensure_loaded refuses new loads, so this converges; repeat in case
-        # a load was starting while the first pass ran
-        for _ in range(3 if closing else 1):
-            async with anyio.create_task_group() as tg:
-                for name in list(self._models):
-                    tg.start_soon(one, name)
-            if not any(m.state in (_S.LOADING, _S.READY, _S.STOPPING) for m in self._models.values()):
-                break
-        return results
+        return await _unloading.unload_all(self, reason)
 
     async def unload_all(self) -> list[UnloadResult]:
         """Unload every model; returns what was unloaded."""

@@ -26,13 +26,17 @@ import httpx
 from anyio.from_thread import start_blocking_portal
 
 from lemon_magic import _requests
+from lemon_magic._hub import PullProgress
 from lemon_magic._inference import check_payload
+from lemon_magic._pulling import PROGRESS_EVERY
 from lemon_magic._records import (
     Completion,
+    DeleteResult,
     LoadResult,
     ModelEntry,
     ModelStatus,
     Plan,
+    PullResult,
     RouterConfig,
     RouterEvent,
     UnloadResult,
@@ -143,9 +147,11 @@ class Router:
 
     # ---------------------------------------------------------------- loading
 
-    def load(self, model: str, *, pin: bool | None = None, **options: Any) -> LoadResult:
+    def load(self, model: str, *, pin: bool | None = None,
+             progress: Callable[[PullProgress], None] | None = None, **options: Any) -> LoadResult:
         """Ensure ``model`` is loaded with these options (``ctx_size``, ``threads``, ``backend``,
-        ``extra_args``, ``chat_template``): ``"noop"``, ``"loaded"`` or ``"reloaded"``.
+        ``extra_args``, ``chat_template``): ``"noop"``, ``"loaded"`` or ``"reloaded"``. A model
+        that is not downloaded yet is pulled first (``progress`` as for :meth:`pull`).
 
         :raises LemonError: bad model or options (nothing changes), or the load failed.
         """
@@ -154,7 +160,11 @@ class Router:
             fast = self._call_sync(self._async._try_noop, model, requested)
             if fast is not None:
                 return fast
-        return self._call(self._async.ensure_loaded, model, requested, explicit=True, pin=pin)
+        if progress is None:
+            return self._call(self._async.ensure_loaded, model, requested, explicit=True, pin=pin)
+        future = self._portal.start_task_soon(functools.partial(
+            self._async.ensure_loaded, model, requested, explicit=True, pin=pin))
+        return self._wait(future, model, progress, phase="load")
 
     def load_soon(self, model: str, *, pin: bool | None = None,
                   **options: Any) -> concurrent.futures.Future[LoadResult]:
@@ -201,9 +211,45 @@ class Router:
         """Forget a registration (unloading the model first if it is loaded)."""
         return self._call(self._async.unregister, name)
 
-    def models(self) -> list[ModelEntry]:
-        """Every model loadable by name, with where its file is and its state."""
-        return self._call_sync(self._async.models)
+    def models(self, *, all: bool = False) -> list[ModelEntry]:
+        """Every model loadable by name, with where its file is and its state (``all``: and the
+        catalogue's models not pulled yet, with their download sizes)."""
+        return self._call_sync(functools.partial(self._async.models, all=all))
+
+    def pull(self, model: str, *, name: str | None = None,
+             progress: Callable[[PullProgress], None] | None = None) -> PullResult:
+        """Pull a catalogue model (``Qwen3-0.6B-GGUF``) or a checkpoint (``org/repo:VARIANT``)
+        from the Hugging Face Hub and register it as ``name`` (default: ``model``). ``progress``
+        is called from this thread while bytes arrive; Stop cancels the download (unless
+        another caller waits for it) and registers nothing.
+
+        :raises PullError: the pull failed (one line: offline, unknown repo, no such variant, …).
+        """
+        future = self._portal.start_task_soon(functools.partial(self._async.pull, model, name=name))
+        return self._wait(future, name or model, progress, phase="pull")
+
+    def delete(self, model: str) -> DeleteResult:
+        """Unload a registered model if it is loaded, forget it, and remove its pulled files."""
+        return self._call(self._async.delete, model)
+
+    def _wait(self, future: concurrent.futures.Future[T], model: str,
+              progress: Callable[[PullProgress], None] | None, phase: str) -> T:
+        """``future``'s result, reporting ``model``'s download to ``progress`` meanwhile (from
+        this thread); Stop cancels the call and says what goes on."""
+        last = None
+        try:
+            while True:
+                try:
+                    return future.result(timeout=None if progress is None else PROGRESS_EVERY)
+                except concurrent.futures.TimeoutError:
+                    report = self._call_sync(self._async._pulls.progress, model)
+                    if report is not None and report is not last:
+                        last = report
+                        progress(report)  # type: ignore[misc]
+        except KeyboardInterrupt:
+            downloading = self._call_sync(self._async._pulls.download, model) is not None
+            future.cancel()
+            raise Interrupted(model, "pull" if downloading else phase) from None
 
     def model_names(self) -> list[str]:
         """Built-in and registered model names, sorted."""

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _CHIP_COLOURS = {"unloaded": "#9e9e9e", "loading": "#1e88e5", "ready": "#43a047",
                  "generating": "#8e24aa", "stopping": "#fb8c00", "crashed": "#e53935",
-                 "error": "#e53935"}
+                 "error": "#e53935", "downloading": "#00897b"}
 _AUTO = "auto"
 
 
@@ -53,6 +53,8 @@ def chip(status: ModelStatus | None) -> str:
     """The state shown for a model: the router's state, with generating/error spelled out."""
     if status is None:
         return "unloaded"
+    if status.download is not None:
+        return "downloading"
     if status.state is ModelState.READY and status.requests_in_flight:
         return "generating"
     if status.state is ModelState.FAILED:
@@ -114,6 +116,8 @@ class _Row:
                 "loading": f"loading for {_ago(s.since, now)}"}.get(state, "")
         idle = ("" if s.idle_unload_at is None
                 else f"unloads if idle in {duration(s.idle_unload_at - now)}")
+        if s.download is not None:  # e.g. "downloading 34 % (120/350 MB), 2.1 MB/s, 0:19 left"
+            when = s.download.removeprefix("downloading ")
         cells = [f"<b>{html.escape(s.name)}</b>",
                  f"<span style='background:{colour};color:white;border-radius:8px;"
                  f"padding:1px 8px'>{state}</span>",
