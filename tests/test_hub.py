@@ -8,6 +8,7 @@ transfer of several chunks).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -333,14 +334,45 @@ def test_a_slow_transfer_reports_progress_and_stops_when_cancelled(
     size = len(FILES["tiny-Q4_K_M.gguf"])
     assert [p.done for p in seen] == [8192, 16384] and seen[-1].total == size
     assert seen[-1].rate > 0 and seen[-1].eta is not None and seen[-1].file == "tiny-Q4_K_M.gguf"
-    # huggingface_hub 2.4 deletes the partial file of a call that fails (its temporary names are
-    # unique per call): nothing is left, and the next pull starts from byte 0
+    # huggingface_hub 2.4 deletes its own partial file; the bytes stay under a second link (the
+    # third chunk was cancelled before it was written), and the next pull resumes from there
     assert find_local(REPO) is None
+    sha = hashlib.sha256(FILES["tiny-Q4_K_M.gguf"]).hexdigest()
     left = _cache_files(os.environ["HF_HUB_CACHE"])
-    assert not [f for f in left if "incomplete" in f or "/snapshots/" in f], left
+    assert [f for f in left if "incomplete" in f or "/snapshots/" in f or "/blobs/" in f] == [
+        f"models--lemon--tiny-GGUF/blobs/{sha}.partial"], left
     hub.throttle = None
-    got = pull(REPO, cancel=threading.Event())
-    assert got.downloaded == size and [g.range for g in hub.gets(REPO, "tiny-Q4_K_M.gguf")] == [None, None]
+    seen.clear()
+    got = pull(REPO, progress=seen.append)
+    assert [g.range for g in hub.gets(REPO, "tiny-Q4_K_M.gguf")] == [None, "bytes=16384-"]
+    assert Path(got.path).read_bytes() == FILES["tiny-Q4_K_M.gguf"] and got.downloaded == size - 16384
+    assert seen[0].done == 16384 and seen[-1].done == size and seen[-1].finished
+    assert not [f for f in _cache_files(os.environ["HF_HUB_CACHE"]) if f.endswith(".partial")]
+
+
+def test_a_kept_partial_that_no_longer_fits_is_dropped(hub: HubStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new revision of the file, or a corrupt partial: the resume starts over or fails cleanly."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    repo = hub.add_repo(REPO, FILES)
+    blobs = Path(os.environ["HF_HUB_CACHE"]) / "models--lemon--tiny-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    old = hashlib.sha256(FILES["tiny-Q4_K_M.gguf"]).hexdigest()
+    (blobs / f"{old}.partial").write_bytes(FILES["tiny-Q4_K_M.gguf"][:10_000])
+    repo.put("tiny-Q4_K_M.gguf", tiny_gguf(9))  # the kept bytes belong to the old file: not asked for
+    assert Path(pull(REPO).path).read_bytes() == tiny_gguf(9)
+    assert (blobs / f"{old}.partial").exists()  # another file's partial is not this pull's business
+    new = hashlib.sha256(tiny_gguf(9)).hexdigest()
+    (blobs / f"{new}.partial").write_bytes(b"x" * 10_000)  # kept bytes that are wrong
+    for p in blobs.glob(new):
+        p.unlink()
+    for p in (blobs.parent / "snapshots").rglob("tiny-Q4_K_M.gguf"):
+        p.unlink()
+    with pytest.raises(ChecksumMismatch):
+        pull(REPO)
+    assert not (blobs / f"{new}.partial").exists()
+    assert Path(pull(REPO).path).read_bytes() == tiny_gguf(9)
 
 
 def test_two_threads_pulling_one_model_make_one_transfer(hub: HubStub) -> None:
