@@ -313,10 +313,11 @@ def _partial(blobs: Path, f: RepoFile) -> Path | None:
 
 
 def _resume(ck: Checkpoint, s: HubSettings, f: RepoFile, partial: Path, transfer: _Transfer,
-            bars: Callable[..., _Bar]) -> None:
+            bars: Callable[..., _Bar]) -> bool:
     """Complete the blob of ``f`` from the bytes an interrupted pull kept (a ``Range`` request),
     under huggingface_hub's lock for that blob; ``hf_hub_download`` then finds the blob and
-    links it into the snapshot. A partial file that no longer fits the Hub's file is dropped."""
+    links it into the snapshot. A partial file that no longer fits the Hub's file is dropped
+    (False: nothing was completed)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import WeakFileLock, build_hf_headers  # type: ignore[attr-defined]
@@ -331,11 +332,11 @@ def _resume(ck: Checkpoint, s: HubSettings, f: RepoFile, partial: Path, transfer
         done = partial.stat().st_size if partial.exists() else 0
         if blob.exists() or meta.etag != f.sha256 or meta.size is None or done >= meta.size:
             partial.unlink(missing_ok=True)
-            return
+            return False
         headers = build_hf_headers()
         if urlsplit(meta.location).netloc != urlsplit(url).netloc:
             headers.pop("authorization", None)  # a CDN: the token stays on the Hub
-        transfer.transferred.add(f.name)
+        transfer.temp = None  # no temporary file of huggingface_hub's to keep or to hash here
         transfer.resumed += done
         transfer.advance(done)  # what the interrupted pull had, counted as done
         with open(partial, "ab") as fh:
@@ -347,6 +348,7 @@ def _resume(ck: Checkpoint, s: HubSettings, f: RepoFile, partial: Path, transfer
             raise ChecksumMismatch(str(ck), f.name, f.sha256, actual)
         os.chmod(partial, 0o644)
         os.replace(partial, blob)
+    return True
 
 
 def _check_file(ck: Checkpoint, f: RepoFile, path: str, *, fresh: bool, verify: bool,
@@ -417,8 +419,9 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
         transfer.begin(f, blobs, verify=verify)
         transfer.check()
         try:
-            if transfer.keep is not None and transfer.keep.exists():
-                _resume(ck, s, f, transfer.keep, transfer, bars)
+            if transfer.keep is not None and transfer.keep.exists() and \
+                    _resume(ck, s, f, transfer.keep, transfer, bars):
+                transfer.transferred.discard(f.name)  # completed and checked: no second hash
             path = hf_hub_download(ck.repo_id, f.name, revision=ck.revision, cache_dir=s.cache_dir,
                                    endpoint=s.endpoint, tqdm_class=cast(Any, bars))
         except Exception as exc:
