@@ -18,7 +18,10 @@ fresh download against the Hub's listing (it checks sizes only), the GGUF magic,
 free-space check that fails (it only warns), cancellation, one-line errors. What it
 does that shapes this module: a dropped connection is resumed (``Range``) within the
 same call, up to five times; but a cancelled or failed call deletes its partial file
-(its temporary files are unique per call), so a cancelled pull starts over next time.
+(its temporary files are unique per call). So this module keeps a second link to that
+file (``blobs/<sha256>.partial``), and the next pull completes it with a ``Range``
+request (``huggingface_hub``'s ``http_get``, under its lock) before ``hf_hub_download``
+links the blob into the snapshot.
 Progress arrives once per ``huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE`` (10 MB),
 which is also how soon a cancel takes effect during a transfer, and where a resumed
 connection starts again. Two pulls of one file (threads or processes) wait on
@@ -28,6 +31,7 @@ progress and cannot be cancelled until the lock is free.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import glob
@@ -41,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 from lemon_magic._hubcache import (
     HubSettings,
@@ -123,13 +128,19 @@ class _Transfer:
         self.file = ""
         self.started = time.monotonic()
         self.transferred: set[str] = set()  # files a GET was made for (they get the sha256 check)
-        self.partial: str | None = None  # glob of huggingface_hub's temporary file for self.file
+        self.resumed = 0  # bytes an interrupted pull had kept (counted as done, not transferred)
+        self.temp: str | None = None  # glob of huggingface_hub's temporary file for self.file
+        self.keep: Path | None = None  # where that file's bytes are kept for a resume
+        self.hash = False
         self.tail: _TailHash | None = None
 
-    def begin(self, f: RepoFile, blobs: Path | None) -> None:
-        """Account the next file; with ``blobs``, hash it while it downloads (its sha256 is its name)."""
+    def begin(self, f: RepoFile, blobs: Path, *, verify: bool) -> None:
+        """Account the next file: an LFS file (named by its sha256) is kept for a resume, and with
+        ``verify`` hashed while it downloads."""
         self.file = f.name
-        self.partial = str(blobs / f"{f.sha256}.*.incomplete") if blobs is not None and f.sha256 else None
+        self.temp = str(blobs / f"{f.sha256}.*.incomplete") if f.sha256 else None
+        self.keep = _partial(blobs, f)
+        self.hash = verify
         self.tail = None
 
     def digest(self) -> tuple[str, int] | None:
@@ -154,8 +165,13 @@ class _Transfer:
     def bar(self, **kwargs: Any) -> _Bar:
         self.transferred.add(self.file)
         self.check()
-        found = glob.glob(self.partial) if self.partial and self.tail is None else []
-        if len(found) == 1 and not kwargs.get("initial"):
+        found = glob.glob(self.temp) if self.temp and self.tail is None else []
+        if len(found) == 1 and self.keep is not None:
+            # huggingface_hub deletes its temporary file when the call fails: a second link keeps it
+            with contextlib.suppress(OSError):
+                self.keep.unlink(missing_ok=True)
+                os.link(found[0], self.keep)
+        if len(found) == 1 and self.hash and not kwargs.get("initial"):
             self.tail = _TailHash(found[0])
         return _Bar(self, int(kwargs.get("initial") or 0))
 
@@ -291,6 +307,50 @@ def _listing(ck: Checkpoint, s: HubSettings) -> tuple[str, list[RepoFile]]:
     return str(info.sha), files
 
 
+def _partial(blobs: Path, f: RepoFile) -> Path | None:
+    """Where the bytes of an interrupted download of ``f`` are kept (LFS files: named by sha256)."""
+    return blobs / f"{f.sha256}.partial" if f.sha256 and _SHA256.fullmatch(f.sha256) else None
+
+
+def _resume(ck: Checkpoint, s: HubSettings, f: RepoFile, partial: Path, transfer: _Transfer,
+            bars: Callable[..., _Bar]) -> bool:
+    """Complete the blob of ``f`` from the bytes an interrupted pull kept (a ``Range`` request),
+    under huggingface_hub's lock for that blob; ``hf_hub_download`` then finds the blob and
+    links it into the snapshot. A partial file that no longer fits the Hub's file is dropped
+    (False: nothing was completed)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers  # type: ignore[attr-defined]
+
+    assert f.sha256 is not None
+    url = hf_hub_url(ck.repo_id, f.name, revision=ck.revision, endpoint=s.endpoint)
+    meta = get_hf_file_metadata(url, endpoint=s.endpoint)
+    blob = partial.with_name(f.sha256)
+    lock = Path(s.cache_dir) / ".locks" / partial.parent.parent.name / f"{f.sha256}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        done = partial.stat().st_size if partial.exists() else 0
+        if blob.exists() or meta.etag != f.sha256 or meta.size is None or done >= meta.size:
+            partial.unlink(missing_ok=True)
+            return False
+        headers = build_hf_headers()
+        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)  # a CDN: the token stays on the Hub
+        transfer.temp = None  # no temporary file of huggingface_hub's to keep or to hash here
+        transfer.resumed += done
+        transfer.advance(done)  # what the interrupted pull had, counted as done
+        with open(partial, "ab") as fh:
+            http_get(meta.location, fh, resume_size=done, headers=headers, expected_size=meta.size,
+                     displayed_filename=f.name, tqdm_class=cast(Any, bars))
+        actual = _sha256(str(partial))
+        if actual != f.sha256:
+            partial.unlink()
+            raise ChecksumMismatch(str(ck), f.name, f.sha256, actual)
+        os.chmod(partial, 0o644)
+        os.replace(partial, blob)
+    return True
+
+
 def _check_file(ck: Checkpoint, f: RepoFile, path: str, *, fresh: bool, verify: bool,
                 digest: tuple[str, int] | None = None) -> None:
     """GGUF magic always; the sha256 of a fresh download when the Hub gives one (``digest``: as
@@ -354,11 +414,14 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
         raise DiskFull(str(ck), total, free, s.cache_dir)
     transfer = _Transfer(str(ck), total, progress, cancel)
     bars = functools.partial(_Transfer.bar, transfer)
-    blobs = _repo_folder(s, ck.repo_id) / "blobs" if verify else None
+    blobs = _repo_folder(s, ck.repo_id) / "blobs"
     for f in todo:
-        transfer.begin(f, blobs)
+        transfer.begin(f, blobs, verify=verify)
         transfer.check()
         try:
+            if transfer.keep is not None and transfer.keep.exists() and \
+                    _resume(ck, s, f, transfer.keep, transfer, bars):
+                transfer.transferred.discard(f.name)  # completed and checked: no second hash
             path = hf_hub_download(ck.repo_id, f.name, revision=ck.revision, cache_dir=s.cache_dir,
                                    endpoint=s.endpoint, tqdm_class=cast(Any, bars))
         except Exception as exc:
@@ -366,6 +429,8 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
                 transfer.tail.invalidate()
                 transfer.digest()
             raise _translate(exc, ck, s, needed=total - transfer.done) from exc
+        if transfer.keep is not None:
+            transfer.keep.unlink(missing_ok=True)  # a link to the blob now (or to nothing)
         paths[f.name] = str(path)
         _check_file(ck, f, str(path), fresh=f.name in transfer.transferred, verify=verify,
                     digest=transfer.digest())
@@ -375,7 +440,7 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
     for f in selection.files:
         if f not in todo:
             _check_file(ck, f, paths[f.name], fresh=False, verify=verify)
-    moved = transfer.done
+    moved = transfer.done - transfer.resumed
     if progress is not None:
         transfer.file = selection.files[-1].name
         transfer.advance(total - transfer.done, finished=True)
