@@ -229,17 +229,17 @@ class Pulls:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._report_progress, flight)
-                try:
+                try:  # failures are caught here, inside the group: no exception group
                     pulled = await anyio.to_thread.run_sync(functools.partial(
                         _hub.pull, target.checkpoint, progress=report, cancel=flight.cancel))
                     flight.result = await self._register(target, pulled, flight.started)
+                except LemonError as exc:
+                    flight.error = exc
+                except Exception as exc:  # unexpected: still one clear error
+                    flight.error = PullError(f"the pull of {target.checkpoint} failed: "
+                                             f"{type(exc).__name__}: {exc}", checkpoint=target.checkpoint)
                 finally:
                     tg.cancel_scope.cancel()
-        except LemonError as exc:
-            flight.error = exc
-        except Exception as exc:  # a bug or an unexpected failure: still one clear error
-            flight.error = PullError(f"the pull of {target.checkpoint} failed: {type(exc).__name__}: "
-                                     f"{exc}", checkpoint=target.checkpoint)
         finally:
             del self._flights[name]
             flight.done.set()
