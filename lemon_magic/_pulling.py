@@ -128,6 +128,8 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
     """
     target = registered_target(router.registry, model) if name is None else None
     target = target or pull_target(model, register_as=name)
+    if target is None and (name is not None or "/" in model):
+        _hub.Checkpoint.parse(model)  # raises InvalidCheckpoint, saying why
     if target is None:
         raise ModelNotFound(model, [e.name for e in catalog_entries(set())], paths=False,
                             what="a catalogue model or a checkpoint (org/repo or org/repo:VARIANT)")

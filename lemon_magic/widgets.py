@@ -36,7 +36,7 @@ from lemon_magic._panel_updater import WRITER as _WRITER
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelStatus, Plan, RouterEvent
 from lemon_magic._render import duration
-from lemon_magic.errors import LemonError, RouterClosed
+from lemon_magic.errors import LemonError, NotDownloaded, RouterClosed
 from lemon_magic.runtime import Router, get_router
 
 __all__ = ("LemonPanel",)
@@ -348,6 +348,11 @@ class LemonPanel(w.VBox):
             button.disabled = transition or self._busy
         try:
             self.plan = self.router.plan(self.model.value, **self.form_options())
+        except NotDownloaded as exc:  # loadable: Apply pulls it first
+            self.plan = None
+            self.form_problem = ""
+            self.banner.value = f"<span style='color:#00897b'>{html.escape(exc.message)}</span>"
+            return
         except LemonError as exc:
             self.plan = None
             self.form_problem = exc.message

@@ -11,15 +11,19 @@ never loads or reloads anything. Options are shown with Lemonade's names
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lemon_magic._records import ModelEntry
-from lemon_magic.errors import InvalidOptions, LemonError
+from lemon_magic._pulling import PROGRESS_EVERY
+from lemon_magic._records import ModelEntry, PullResult
+from lemon_magic.errors import InvalidOptions, LemonError, ModelNotFound, RepoNotFound
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
 from lemon_magic.server._args import check_http_args
@@ -125,13 +129,15 @@ class ModelsApi:
                 "downloaded": e.present,
                 "suggested": True, "labels": [e.kind if e.kind != "llm" else "chat"],
                 "recipe_options": saved, "source": e.source, "state": str(e.state),
+                **({"size": round(e.size / 1e9, 3)} if e.size else {}),
                 **({"problem": e.problem} if e.problem else {})}
 
     async def models(self, request: Request) -> Response:
         if request.method == "HEAD":
             return Response(status_code=200)
         show_all = request.query_params.get("show_all") == "true"
-        entries = [e for e in self.router.models() if e.source != "path" and (show_all or e.present)]
+        entries = [e for e in self.router.models(all=show_all) if e.source != "path"
+                   and (show_all or e.present)]
         return JSONResponse({"object": "list", "data": [self.model_object(e) for e in entries]})
 
     async def model(self, request: Request) -> Response:
@@ -139,8 +145,104 @@ class ModelsApi:
             name = served_name(self.router.registry, request.path_params["model_id"])
         except LemonError as exc:
             return error_response(exc)
-        entry = next(e for e in self.router.models() if e.name == name)
+        entry = next((e for e in self.router.models(all=True) if e.name == name), None)
+        if entry is None:  # a checkpoint not pulled yet
+            return error_response(ModelNotFound(name, self.router.registry.names(), paths=False))
         return JSONResponse(self.model_object(entry))
+
+    # ------------------------------------------------------------- pull, delete
+
+    async def pull(self, request: Request) -> Response:
+        """Lemonade's ``POST pull``: a catalogue model or a registered pulled one by
+        ``model_name``, or a new ``user.NAME`` with a ``checkpoint``; ``stream: true`` sends
+        ``progress`` events, then ``complete`` (or ``error``)."""
+        body = await read_body(request)
+        assert body is not None
+        model = body.get("model_name", body.get("model"))
+        checkpoint = body.get("checkpoint")
+        stream = body.get("stream", False)
+        if not isinstance(model, str) or not model:
+            return invalid("'model_name' is required and must be a string")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            return invalid("'checkpoint' must be a string like org/repo:VARIANT")
+        if not isinstance(stream, bool):
+            return invalid("'stream' must be a boolean")
+        if checkpoint:  # a new registration: user.NAME for this checkpoint
+            source, name = checkpoint, model.removeprefix("user.")
+        else:  # a catalogue model, a checkpoint, or a model pulled before
+            source, name = model.removeprefix("user."), None
+        if not stream:
+            try:
+                result = await self.router.pull(source, name=name)
+            except LemonError as exc:
+                return error_response(exc)
+            return JSONResponse({"status": "success", "model_name": model, **_pulled(result)})
+        return StreamingResponse(self._pull_events(source, name, model), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _pull_events(self, source: str, name: str | None, model: str) -> AsyncIterator[bytes]:
+        """The pull runs in the router's task group (a client that leaves does not cancel it);
+        this reports its progress every ``PROGRESS_EVERY`` seconds."""
+        outcome: dict[str, Any] = {}
+        done = anyio.Event()
+
+        async def run() -> None:
+            try:
+                outcome["result"] = await self.router.pull(source, name=name)
+            except LemonError as exc:
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        assert self.router._tg is not None
+        self.router._tg.start_soon(run)
+        last = None
+        while not done.is_set():
+            with anyio.move_on_after(PROGRESS_EVERY):
+                await done.wait()
+            p = self.router._pulls.progress(name or source)
+            if p is not None and p is not last:
+                last = p
+                yield _sse("progress", {"file": p.file, "bytes_downloaded": p.done, "bytes_total": p.total,
+                                        "percent": round(p.fraction * 100, 1), "rate": p.rate, "eta": p.eta})
+        if "error" in outcome:
+            yield _sse("error", {"error": outcome["error"].render()})
+        else:
+            yield _sse("complete", {"status": "success", "model_name": model,
+                                    **_pulled(outcome["result"])})
+
+    async def variants(self, request: Request) -> Response:
+        """Lemonade's ``GET pull/variants?checkpoint=org/repo``: the variants the repo offers."""
+        from lemon_magic import _hub
+
+        checkpoint = request.query_params.get("checkpoint", "")
+        if not checkpoint:
+            return invalid("'checkpoint' is required, e.g. ?checkpoint=unsloth/Qwen3-0.6B-GGUF")
+        try:
+            found = await anyio.to_thread.run_sync(_hub.remote_variants, checkpoint)
+        except RepoNotFound as exc:
+            return JSONResponse({"error": exc.render()}, 404)
+        except LemonError as exc:
+            return error_response(exc)
+        repo = checkpoint.partition(":")[0]
+        return JSONResponse({"checkpoint": repo, "recipe": "llamacpp", "suggested_name": repo.split("/")[1],
+                             "variants": list(found)})
+
+    async def delete(self, request: Request) -> Response:
+        """Lemonade's ``POST delete``: unload, forget, and remove the pulled files."""
+        body = await read_body(request)
+        assert body is not None
+        model = body.get("model_name", body.get("model"))
+        if not isinstance(model, str) or not model:
+            return invalid("'model_name' is required and must be a string")
+        try:
+            result = await self.router.delete(model.removeprefix("user."))
+        except ModelNotFound as exc:
+            return JSONResponse({"error": exc.render()}, 422)
+        except LemonError as exc:
+            return error_response(exc)
+        return JSONResponse({"status": "success", "message": f"Deleted model: {model}",
+                             "unloaded_pid": result.unloaded_pid, "freed_bytes": result.freed})
 
     # ------------------------------------------------------------- models/{id}/options
 
@@ -196,3 +298,12 @@ class ModelsApi:
         if not isinstance(body.get("dry_run", False), bool):
             return invalid("'dry_run' must be a boolean")
         return None
+
+
+def _pulled(r: PullResult) -> dict[str, Any]:
+    return {"checkpoint": r.checkpoint, "registered_as": r.model, "size": r.size,
+            "downloaded": r.downloaded, "seconds": round(r.seconds, 3), "joined": r.joined}
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()

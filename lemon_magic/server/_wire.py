@@ -10,18 +10,25 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from lemon_magic._pulling import pull_target
 from lemon_magic._records import ModelStatus
 from lemon_magic.errors import (
     BackendUnavailable,
+    HubUnreachable,
     InferenceError,
+    InvalidCheckpoint,
     InvalidModelFile,
     InvalidOptions,
     LemonError,
     LoadError,
     ModelNotFound,
     ModelNotLoaded,
+    PullError,
+    RepoAccessDenied,
+    RepoNotFound,
     RequestTimeout,
     SlotsFull,
+    VariantNotFound,
     WaitTimeout,
 )
 from lemon_magic.options import LoadOptions
@@ -36,6 +43,12 @@ MAX_BODY = 16 * 1024 * 1024
 #: what each LemonError becomes (checked in order: the first matching class wins)
 ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
     (ModelNotFound, 404, "model_not_found"),
+    (InvalidCheckpoint, 400, "invalid_checkpoint"),
+    (RepoNotFound, 400, "unknown_model"),
+    (VariantNotFound, 400, "unknown_model"),
+    (RepoAccessDenied, 403, "hub_access_denied"),
+    (HubUnreachable, 503, "lemond_offline"),
+    (PullError, 500, "pull_error"),
     (ModelNotLoaded, 404, "model_not_loaded"),
     (InvalidOptions, 400, "invalid_request_error"),
     (SlotsFull, 409, "slots_pinned_error"),
@@ -178,6 +191,9 @@ def served_name(registry: Registry, name: object) -> str:
     """A model name as the registry knows it (``user.X`` → ``X``, ``X:latest`` → ``X``); only
     registered names are served over HTTP (never a file path).
 
+    A catalogue name or a Hub checkpoint (``org/repo[:VARIANT]``) is served too: loading it
+    pulls it first, as ``POST pull`` does.
+
     :raises ModelNotFound: anything else.
     """
     if not isinstance(name, str) or not name:
@@ -185,6 +201,6 @@ def served_name(registry: Registry, name: object) -> str:
     name = name.removesuffix(":latest")  # as Lemonade does (Ollama-style clients add it)
     if name.startswith("user.") and name[5:] in registry.user_names():
         return name[5:]
-    if name not in registry.names():
+    if name not in registry.names() and pull_target(name) is None:
         raise ModelNotFound(name, registry.names(), paths=False)
     return name

@@ -25,8 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lemon_magic import _requests
 from lemon_magic._policy import ModelState
+from lemon_magic._pulling import PullTarget, pull_target
 from lemon_magic._records import ModelStatus
-from lemon_magic.errors import LemonError, ModelNotFound, ModelNotLoaded
+from lemon_magic.errors import InvalidModelFile, LemonError, ModelNotFound, ModelNotLoaded
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import ModelSpec
 from lemon_magic.server._args import check_http_args
@@ -175,6 +176,16 @@ class _Api:
         return LoadOptions(ctx_size=o.ctx_size, threads=o.threads, backend=o.backend,
                            extra_args=o.extra_args, chat_template=o.chat_template)
 
+    def _spec_or_target(self, name: str) -> ModelSpec | PullTarget:
+        """The model's registration, or for a model not pulled yet what pulling it means."""
+        try:
+            return self.router.registry.lookup(name)
+        except (ModelNotFound, InvalidModelFile):
+            target = pull_target(name)
+            if target is None:
+                raise
+            return target
+
     async def chat_completions(self, request: Request) -> Response | EventStream:
         return await self._infer(request, "/v1/chat/completions", "llm")
 
@@ -203,12 +214,12 @@ class _Api:
                            f"{path.rpartition('/')[2]} cannot be streamed")
         try:
             name = served_name(self.router.registry, model)
-            spec = self.router.registry.lookup(name)
+            spec = self._spec_or_target(name)
             if spec.kind != kind:
                 return invalid(f"model {model!r} is a{'n' if spec.kind[0] in 'ae' else ''} "
                                f"{spec.kind} model: it does not serve {path.removeprefix('/v1/')}")
-            load_options = self._auto_load_options(spec, lemonade_options(body,
-                                                                          _INFERENCE_LOAD_KEYS))
+            asked = lemonade_options(body, _INFERENCE_LOAD_KEYS)
+            load_options = self._auto_load_options(spec, asked) if isinstance(spec, ModelSpec) else asked
             for key in _INFERENCE_LOAD_KEYS:
                 body.pop(key, None)
             payload = {**body, "model": name}
@@ -283,11 +294,13 @@ def _routes(api: _Api) -> list[BaseRoute]:
     get: dict[str, Handler] = {"health": api.health, "models": models.models,
                                "models/{model_id:path}/options": models.options,
                                "models/{model_id:path}": models.model, "stats": info.stats_,
-                               "system-info": info.system_info, "params": info.params}
+                               "system-info": info.system_info, "params": info.params,
+                               "pull/variants": models.variants}
     post: dict[str, Handler] = {"load": api.load, "unload": api.unload,
                                 "chat/completions": api.chat_completions,
                                 "completions": api.completions, "embeddings": api.embeddings,
-                                "params": info.params, "models/{model_id:path}/options": models.options}
+                                "params": info.params, "models/{model_id:path}/options": models.options,
+                                "pull": models.pull, "delete": models.delete}
     return [Route("/live", live, methods=["GET"]),
             *(Route(f"{prefix}/{path}", handler, methods=["GET"])
               for prefix in PREFIXES for path, handler in get.items()),
