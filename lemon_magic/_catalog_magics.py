@@ -61,6 +61,7 @@ class CatalogMagics:
         bar = PullBar(args.name or args.model)
         try:
             result = self.router.pull(args.model, name=args.name, progress=bar)
+            bar.close(done=True)
         except errors.Interrupted as exc:
             raise _interrupted(exc) from None
         finally:

@@ -165,6 +165,7 @@ class LemonMagics(CatalogMagics, Magics):
             except errors.NotDownloaded as exc:
                 print(exc.message + " …", flush=True)
             result = self.router.load(model, pin=pin, progress=bar, **options)
+            bar.close(done=True)
         except errors.Interrupted as exc:
             raise _interrupted(exc) from None
         except KeyboardInterrupt:

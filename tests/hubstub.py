@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -399,16 +400,85 @@ def demo_repos(stub: HubStub) -> HubStub:
     return stub
 
 
+#: a repo of the demo Hub with the embedded Gemma 3 270M file (``--gemma``): real text
+GEMMA_REPO = "lemon/gemma-3-270m-GGUF"
+
+
 def main() -> None:
-    """Serve the demo repos until stdin closes; the URL is the first line of stdout."""
+    """Serve the demo repos (and with ``--gemma`` the embedded Gemma model) until stdin closes;
+    the URL is the first line of stdout."""
     import sys
 
-    stub = demo_repos(HubStub()).start()
+    stub = demo_repos(HubStub())
+    if "--gemma" in sys.argv:
+        from lemon_magic.registry import embedded_model_path
+
+        stub.add_repo(GEMMA_REPO, {"gemma-3-270m-Q4_K_M.gguf": embedded_model_path().read_bytes(),
+                                   "README.md": b"# Gemma 3 270M (base), Q4_K_M\n"})
+    stub.start()
     print(stub.url, flush=True)
     try:
         sys.stdin.read()
     finally:
         stub.stop()
+
+
+class DemoHub:
+    """``python -m tests.hubstub --gemma`` as a process, with ``HF_ENDPOINT`` pointed at it and
+    the Hugging Face cache in ``root`` (for notebooks: their kernels inherit the environment)."""
+
+    def __init__(self, root: Path) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.hubstub", "--gemma"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.proc.kill()
+            raise RuntimeError("the demo Hub did not start")
+        self.env = {"HF_ENDPOINT": self.url, "HF_HOME": str(root / "hf"),
+                    "HF_HUB_CACHE": str(root / "hf" / "hub")}
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def close(self) -> None:
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_session: DemoHub | None = None
+
+
+def session_demo_hub() -> DemoHub:
+    """The test session's demo Hub, started on first use (``close_session_demo_hub`` ends it)."""
+    global _session
+    if _session is None:
+        _session = DemoHub(Path(tempfile.mkdtemp(prefix="lemon-demo-hub-")))
+    return _session
+
+
+def close_session_demo_hub() -> None:
+    global _session
+    if _session is not None:
+        import shutil
+
+        root = Path(_session.env["HF_HOME"]).parent
+        _session.close()
+        shutil.rmtree(root, ignore_errors=True)
+        _session = None
 
 
 if __name__ == "__main__":
