@@ -101,8 +101,8 @@ async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
         target = registered_target(router.registry, model) or pull_target(model)
         if target is None:
             raise
-    await router._pulls.pull(target)
-    return await router._spec(model)
+    pulled = await router._pulls.pull(target)
+    return await router._spec(pulled.model)  # the catalogue's spelling of a name typed in any case
 
 
 async def spec_for_plan(router: AsyncRouter, model: str) -> ModelSpec:

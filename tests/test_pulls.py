@@ -217,3 +217,28 @@ def test_the_magics_pull_list_and_delete(ip: InteractiveShell, hub: HubStub,
     assert ip.run_cell("%lemon_delete small").error_in_exec is None
     assert "deleted small (removed" in capsys.readouterr().out
     assert "small" not in get_router().model_names()
+
+
+def test_the_panel_shows_the_download_and_says_a_load_would_pull(
+        hub: HubStub, make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
+    from lemon_magic.widgets import LemonPanel, chip
+
+    hub.add_repo(REPO, FILES)
+    _slow_chunks(monkeypatch, hub, 60_000)
+    router = make_router()
+    panel = LemonPanel(router)
+    try:
+        panel.wait_idle()
+        panel.model.options = [*panel.model.options, CHECKPOINT]
+        panel.model.value = CHECKPOINT
+        panel.wait_idle()
+        assert f"loading it pulls {CHECKPOINT}" in panel.banner.value and not panel.apply.disabled
+        with ThreadPoolExecutor(1) as pool:
+            pulled = pool.submit(router.pull, CHECKPOINT)
+            panel.wait_until(lambda p: CHECKPOINT in p._rows
+                             and chip(p._rows[CHECKPOINT].status) == "downloading"
+                             and " %" in p._rows[CHECKPOINT].summary.value, timeout=20)
+            assert "MB" in panel._rows[CHECKPOINT].summary.value
+            pulled.result(timeout=60)
+    finally:
+        panel.close()
