@@ -126,6 +126,9 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
 
     :raises ModelNotFound: ``model`` is none of those.
     """
+    if name is None and _is_local(router.registry, model):  # nothing to pull: say where it is
+        spec = await router._spec(model)
+        return PullResult(spec.name, "", str(spec.path), spec.path.stat().st_size, 0, 0.0)
     target = registered_target(router.registry, model) if name is None else None
     target = target or pull_target(model, register_as=name)
     if target is None and (name is not None or "/" in model):
@@ -134,6 +137,15 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
         raise ModelNotFound(model, [e.name for e in catalog_entries(set())], paths=False,
                             what="a catalogue model or a checkpoint (org/repo or org/repo:VARIANT)")
     return await router._pulls.pull(target)
+
+
+def _is_local(registry: Registry, name: str) -> bool:
+    """Whether ``name`` is the built-in model or a registration of a local file (not pulled)."""
+    try:
+        spec = registry.lookup(name)
+    except LemonError:
+        return False
+    return spec.source in ("builtin", "user") and spec.checkpoint is None
 
 
 def registered_target(registry: Registry, name: str) -> PullTarget | None:

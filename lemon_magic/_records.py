@@ -92,7 +92,7 @@ class PullResult:
     """What ``pull`` did: the checkpoint is in the Hub's cache and registered as ``model``."""
 
     model: str
-    #: ``org/repo:VARIANT``, with the variant that was chosen
+    #: ``org/repo:VARIANT``, with the variant that was chosen (``""``: a local model, not pulled)
     checkpoint: str
     #: the file a load starts (the first part of a split model)
     path: str

@@ -118,6 +118,8 @@ def _where(e: ModelEntry) -> str:
 def describe_pull(r: PullResult) -> str:
     """One line for what a pull did, as ``%lemon_pull`` prints it."""
     name = "" if r.model == r.checkpoint else f" as {r.model}"
+    if not r.checkpoint:
+        return f"{r.model} is a local model ({r.size / 1e6:.0f} MB): nothing to pull"
     if not r.downloaded:
         return f"{r.checkpoint} is in the cache ({r.size / 1e6:.0f} MB): registered{name}"
     joined = "; joined a pull already in flight" if r.joined else ""

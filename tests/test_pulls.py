@@ -242,3 +242,14 @@ def test_the_panel_shows_the_download_and_says_a_load_would_pull(
             pulled.result(timeout=60)
     finally:
         panel.close()
+
+
+def test_pulling_a_local_model_transfers_nothing_and_keeps_its_file(
+        hub: HubStub, make_router: Callable[..., Router], tiny_model: str) -> None:
+    entry = load_catalog()["Tiny-Test-Model-GGUF"]
+    router = make_router()
+    router.register("Tiny-Test-Model-GGUF", tiny_model)  # a local file under a catalogue name
+    got = router.pull("Tiny-Test-Model-GGUF")
+    assert (got.checkpoint, got.downloaded, got.path) == ("", 0, tiny_model)
+    assert not hub.requests and router.async_router.registry.lookup("Tiny-Test-Model-GGUF").checkpoint is None
+    assert entry.checkpoint  # the catalogue would have pulled this, had the name not been registered
