@@ -1,4 +1,4 @@
-"""The remote client (``lemon_magic._remote``) against real servers on 127.0.0.1.
+"""The remote client (``lemon_magic._remote`` and ``_remote_client``) against real servers on 127.0.0.1.
 
 Remotes used:
 
@@ -12,6 +12,7 @@ No HTTP is mocked. Every process a test starts is stopped by its fixture (by pid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,9 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,15 +33,8 @@ import httpx
 import psutil
 import pytest
 
-from lemon_magic._remote import (
-    RemoteClient,
-    RemoteEntry,
-    RemoteSpec,
-    lemonade_load_body,
-    parse_remote,
-    remote_action,
-    remote_error,
-)
+from lemon_magic._remote import RemoteEntry, RemoteSpec, lemonade_load_body, parse_remote, remote_action
+from lemon_magic._remote_client import RemoteClient, remote_error
 from lemon_magic.backends.llama_server import LlamaServer
 from lemon_magic.errors import (
     BackendUnavailable,
@@ -47,6 +43,7 @@ from lemon_magic.errors import (
     LoadError,
     ModelNotFound,
     RemoteAuthError,
+    RemoteError,
     RemoteUnreachable,
 )
 from lemon_magic.options import LoadOptions
@@ -230,6 +227,46 @@ def health(proc: Proc, model: str = "tiny") -> RemoteEntry:
     return run(go)
 
 
+@contextlib.contextmanager
+def lemonade_shaped(upstream: str) -> Iterator[str]:
+    """A real HTTP server in front of ``upstream`` that answers ``load`` the way Lemonade does:
+    ``{"status", "model_name", "checkpoint", "recipe"}``, no ``action`` and no ``pid``."""
+    http = httpx.Client(base_url=upstream, timeout=60, trust_env=False)
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            size = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(size) if size else None
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() in ("content-type", "authorization")}
+            r = http.request(self.command, self.path, content=body, headers=headers)
+            out = r.content
+            if self.path.endswith("/load") and r.status_code == 200:
+                out = json.dumps({k: v for k, v in r.json().items()
+                                  if k in ("status", "model_name", "checkpoint", "recipe")}).encode()
+            self.send_response(r.status_code)
+            self.send_header("content-type", r.headers.get("content-type", "application/json"))
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="lemonade-shaped", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+        http.close()
+
+
 # ------------------------------------------------------------------ parsing (no server)
 
 
@@ -269,7 +306,7 @@ def test_remote_action_compares_against_what_the_remote_reports() -> None:
     assert remote_action(RemoteEntry(loaded=False), LoadOptions(ctx_size=2048)) == "load"
     assert remote_action(ready, LoadOptions()) == "noop"  # unset options are the remote's to choose
     assert remote_action(ready, LoadOptions(ctx_size=2048)) == "noop"
-    assert remote_action(ready, LoadOptions(ctx_size=2048, extra_args="--no-warmup",
+    assert remote_action(ready, LoadOptions(ctx_size=2048, extra_args=("--no-warmup",),
                                             backend="cpu")) == "noop"
     assert remote_action(ready, LoadOptions(ctx_size=4096)) == "reload"
     assert remote_action(ready, LoadOptions(extra_args=())) == "reload"
@@ -279,7 +316,7 @@ def test_remote_action_compares_against_what_the_remote_reports() -> None:
 
 
 def test_lemonade_load_body_maps_options_and_refuses_what_it_cannot_apply() -> None:
-    body = lemonade_load_body("m", LoadOptions(ctx_size=8192, extra_args=["--no-mmap", "-b", "64"],
+    body = lemonade_load_body("m", LoadOptions(ctx_size=8192, extra_args=("--no-mmap", "-b", "64"),
                                                backend="vulkan"))
     assert body == {"model_name": "m", "ctx_size": 8192, "llamacpp_args": "--no-mmap -b 64",
                     "llamacpp_backend": "vulkan"}
@@ -328,11 +365,11 @@ def test_lemonade_load_noop_reload_third_party_and_unload(lemon: Proc) -> None:
             assert remote_action(seen, LoadOptions(ctx_size=2048)) == "noop"
 
             # llamacpp_args round-trip as the remote reports them
-            args = await c.load(LoadOptions(ctx_size=2048, extra_args="--no-warmup"))
+            args = await c.load(LoadOptions(ctx_size=2048, extra_args=("--no-warmup",)))
             assert args.action == "reloaded"
             entry = await c.health()
             assert entry.llamacpp_args == ("--no-warmup",)
-            assert remote_action(entry, LoadOptions(ctx_size=2048, extra_args=["--no-warmup"])) == "noop"
+            assert remote_action(entry, LoadOptions(ctx_size=2048, extra_args=("--no-warmup",))) == "noop"
 
             # inference through the base URL, with the remote's model name
             r = httpx.post(f"{c.base_url}/completions", headers=c.headers(), timeout=60, trust_env=False,
@@ -356,7 +393,7 @@ def test_lemonade_unknown_model_and_refused_options(lemon: Proc) -> None:
                 await c.load(LoadOptions(threads=1))
             # the remote refuses a flag (4xx): its message, one line
             with pytest.raises(InvalidOptions, match=r"HTTP 400: .*--log-file") as info:
-                await c.load(LoadOptions(extra_args=["--log-file", "x.log"]))
+                await c.load(LoadOptions(extra_args=("--log-file", "x.log")))
             assert "\n" not in str(info.value)
 
     run(go)
@@ -470,6 +507,38 @@ def test_api_key_from_the_named_variable_only(own_lemon: Callable[..., Proc],
     assert not any(SECRET in text for text in seen), seen
 
 
+def test_lemonade_without_action_in_its_answer_is_told_by_pids(lemon: Proc) -> None:
+    """Lemonade's /load answers the same body for load, no-op and reload: pids tell them apart."""
+    with lemonade_shaped(lemon.url) as url:
+        async def go() -> None:
+            async with RemoteClient(parse_remote(url, "tiny")) as c:
+                await c.unload()
+                first = await c.load(LoadOptions(ctx_size=2048))
+                assert "action" not in first.response and "pid" not in first.response
+                assert first.action == "loaded" and first.pid == (await c.health()).pid
+                same = await c.load(LoadOptions(ctx_size=2048))
+                assert (same.action, same.pid) == ("noop", first.pid)
+                other = await c.load(LoadOptions(ctx_size=3072))
+                assert other.action == "reloaded" and other.pid not in (None, first.pid)
+                assert await c.unload() is True
+
+        run(go)
+
+
+def test_a_server_that_is_not_lemonade_says_so(llama_router: Proc, lemon: Proc) -> None:
+    async def go() -> None:
+        async with RemoteClient(parse_remote(llama_router.url, "tiny", "lemonade")) as c:
+            with pytest.raises(RemoteError, match=r"not a Lemonade server\? \(register it with --api openai"):
+                await c.health()
+        # and a lemonade server is an openai remote too (without load control)
+        async with RemoteClient(parse_remote(f"{lemon.url}/api/v1", "tiny", "openai")) as c:
+            assert "tiny" in await c.models()
+            assert (await c.check_loadable(LoadOptions())).listed
+            assert await c.props() is None  # no /props there: tolerated
+
+    run(go)
+
+
 # ------------------------------------------------------------------ openai remote: llama.cpp router mode
 
 
@@ -484,7 +553,7 @@ def test_router_mode_lists_checks_and_refuses_options(llama_router: Proc) -> Non
             props = await c.props()
             assert props is not None and props.get("role") == "router"
             for options, names in ((LoadOptions(ctx_size=2048), "ctx_size"),
-                                   (LoadOptions(threads=2, extra_args="--no-mmap", chat_template="gemma",
+                                   (LoadOptions(threads=2, extra_args=("--no-mmap",), chat_template="gemma",
                                                 backend="cpu"),
                                     "threads, extra_args, chat_template, backend")):
                 with pytest.raises(InvalidOptions, match=f"cannot apply {names} ") as info:
