@@ -1,17 +1,19 @@
 """The HTTP side of remote models: :class:`RemoteClient` and the one error boundary,
 :func:`remote_error` (the sans-IO side is :mod:`lemon_magic._remote`).
 
-Every call is bounded: connect ≤ :data:`CONNECT_TIMEOUT`, then a per-call limit. The
+Every call is bounded in total, connecting by at most :data:`CONNECT_TIMEOUT`. The
 API key is read from its environment variable for each call, never kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 from types import TracebackType
 from typing import Any, Literal
 
+import anyio
 import httpx
 
 from lemon_magic._remote import (
@@ -91,7 +93,7 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
     if isinstance(exc, httpx.ConnectError):
         return RemoteUnreachable(url, f"cannot connect ({_first_line(str(exc)) or 'refused'})",
                                  model=model)
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         if during == "inference":
             return RequestTimeout(f"remote {url} gave no answer in time", model=model)
         if during == "load":
@@ -112,17 +114,18 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
 
 
 class RemoteClient:
-    """The HTTP calls to one remote model, each bounded: connect ≤ 5 s, then ``timeout``
-    seconds per control call and ``load_timeout`` for a load (which may download).
+    """The HTTP calls to one remote model, each bounded in total: ``timeout`` seconds per
+    control call, ``load_timeout`` for a load (which may download); connecting takes at
+    most :data:`CONNECT_TIMEOUT` of that.
 
     Use it as an async context manager (or call :meth:`aclose`).
     """
 
     def __init__(self, spec: RemoteSpec, *, timeout: float = 10.0, load_timeout: float = 600.0,
-                 verify: ssl.SSLContext | str | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.spec = spec
         self.timeout, self.load_timeout = timeout, load_timeout
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
                                        trust_env=False, verify=verify)
 
     def __repr__(self) -> str:
@@ -147,18 +150,26 @@ class RemoteClient:
         """Headers for inference requests (the key read from its variable now)."""
         return self.spec.headers()
 
+    def _need_lemonade(self, call: str) -> None:
+        if self.spec.api != "lemonade":
+            raise RuntimeError(f"{call}() needs a lemonade remote; {self.spec.url} is an openai "
+                               "remote (no load control: use check_loadable())")
+
     async def _call(self, method: str, url: str, *, during: str = "call", json: Any = None,
                     timeout: float | None = None, ok: tuple[int, ...] = ()) -> httpx.Response:
-        """One bounded request; an error status (other than ``ok``) and every transport or
-        timeout failure leave as a LemonError."""
-        limit = httpx.Timeout(timeout or self.timeout, connect=CONNECT_TIMEOUT)
+        """One request, bounded in total by ``timeout`` (a slow drip included; connecting by at
+        most :data:`CONNECT_TIMEOUT` of it); an error status (other than ``ok``) and every
+        transport or timeout failure leave as a LemonError."""
+        seconds = timeout or self.timeout
+        limit = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
         try:
-            r = await self._http.request(method, url, json=json, headers=self.headers(),
-                                         timeout=limit)
+            with anyio.fail_after(seconds):
+                r = await self._http.request(method, url, json=json, headers=self.headers(),
+                                             timeout=limit)
             if r.status_code >= 400 and r.status_code not in ok:
                 r.raise_for_status()
             return r
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise remote_error(exc, self.spec, during=during) from exc
 
     async def _json(self, r: httpx.Response) -> dict[str, Any]:
@@ -173,23 +184,24 @@ class RemoteClient:
 
     # ---------------------------------------------------------- both protocols
 
-    async def health(self) -> RemoteEntry:
+    async def health(self, *, timeout: float | None = None) -> RemoteEntry:
         """What the remote says about the model now (lemonade: ``/health``; openai: ``/models``).
 
+        :param timeout: this call's limit, if not the client's (a health poll wants a short one).
         :raises RemoteUnreachable: no answer within the bounded timeout.
         :raises RemoteAuthError: 401/403.
         """
         if self.spec.api == "lemonade":
-            r = await self._call("GET", f"{self.spec.root}/api/v1/health", ok=(404,))
+            r = await self._call("GET", f"{self.spec.root}/api/v1/health", ok=(404,), timeout=timeout)
             if r.status_code == 404:
                 raise RemoteError(f"remote {self.spec.url} has no /api/v1/health: not a Lemonade "
                                   "server? (register it with --api openai)", url=self.spec.url,
                                   model=self.spec.remote_model)
             return entry_from_health(await self._json(r), self.spec.remote_model)
-        return entry_from_models(await self._listing(), self.spec.remote_model)
+        return entry_from_models(await self._listing(timeout), self.spec.remote_model)
 
-    async def _listing(self) -> dict[str, dict[str, Any]]:
-        r = await self._call("GET", f"{self.spec.base_url}/models")
+    async def _listing(self, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        r = await self._call("GET", f"{self.spec.base_url}/models", timeout=timeout)
         data = (await self._json(r)).get("data")
         return {m["id"]: m for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str)}
 
@@ -211,6 +223,7 @@ class RemoteClient:
         :raises LoadError: the remote failed to load it (5xx: its message's first line), or
             did not finish within ``load_timeout``.
         """
+        self._need_lemonade("load")
         spec = self.spec
         body = lemonade_load_body(spec.remote_model, options)
         if before is None:
@@ -219,7 +232,10 @@ class RemoteClient:
         r = await self._call("POST", f"{spec.root}/api/v1/load", json=body, during="load",
                              timeout=self.load_timeout, ok=(404,))
         if r.status_code == 404:
-            raise ModelNotFound(spec.remote_model, paths=False, what=f"a model {spec.url} knows")
+            known: tuple[str, ...] = ()
+            with contextlib.suppress(LemonError):
+                known = await self.models()
+            raise ModelNotFound(spec.remote_model, known, paths=False, what=f"a model {spec.url} knows")
         answer = await self._json(r)
         seconds = time.monotonic() - start
         action, pid = answer.get("action"), answer.get("pid")
@@ -238,6 +254,7 @@ class RemoteClient:
 
     async def unload(self) -> bool:
         """``POST /api/v1/unload`` for the model; ``False`` if the remote had it not loaded."""
+        self._need_lemonade("unload")
         r = await self._call("POST", f"{self.spec.root}/api/v1/unload",
                              json={"model_name": self.spec.remote_model}, ok=(404,))
         return r.status_code != 404

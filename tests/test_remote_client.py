@@ -386,7 +386,7 @@ def test_lemonade_load_noop_reload_third_party_and_unload(lemon: Proc) -> None:
 def test_lemonade_unknown_model_and_refused_options(lemon: Proc) -> None:
     async def go() -> None:
         async with RemoteClient(lemonade(lemon, "no-such-model")) as c:
-            with pytest.raises(ModelNotFound, match="no-such-model"):
+            with pytest.raises(ModelNotFound, match=r"'no-such-model'.*known models: .*tiny"):
                 await c.load(LoadOptions())
         async with RemoteClient(lemonade(lemon)) as c:
             with pytest.raises(InvalidOptions, match="cannot apply threads"):
@@ -459,6 +459,53 @@ def test_a_remote_that_never_answers_is_bounded() -> None:
                 assert time.monotonic() - start < 3
 
         run(go)
+
+
+def test_a_remote_that_drips_its_answer_is_bounded_in_total() -> None:
+    """Each byte comes within the read timeout, the whole answer never does: the call still ends."""
+    stop = threading.Event()
+    with socket.socket() as drip:
+        drip.bind(("127.0.0.1", 0))
+        drip.listen(8)
+
+        def serve() -> None:
+            conn, _ = drip.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: 1000\r\n\r\n")
+                while not stop.wait(0.2):
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        return
+
+        thread = threading.Thread(target=serve, name="drip", daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{drip.getsockname()[1]}"
+
+        async def go() -> None:
+            async with RemoteClient(parse_remote(url, "m"), timeout=1.0) as c:
+                start = time.monotonic()
+                with pytest.raises(RemoteUnreachable, match="no answer in time"):
+                    await c.health()
+                assert time.monotonic() - start < 2
+
+        try:
+            run(go)
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+def test_load_control_on_an_openai_remote_is_misuse() -> None:
+    async def go() -> None:
+        async with RemoteClient(parse_remote("http://127.0.0.1:9/v1", "m", "openai")) as c:
+            for call in (c.load(LoadOptions()), c.unload()):
+                with pytest.raises(RuntimeError, match="needs a lemonade remote"):
+                    await call
+
+    run(go)
 
 
 def test_tls_to_a_plain_http_server_is_one_line(lemon: Proc) -> None:
