@@ -38,10 +38,25 @@ from lemon_magic.errors import (
 )
 from lemon_magic.options import LoadOptions
 
-__all__ = ("CONNECT_TIMEOUT", "RemoteClient", "remote_error")
+__all__ = ("CONNECT_TIMEOUT", "MAPPINGS", "RemoteClient", "remote_error")
 
 #: connect timeout of every call, in seconds
 CONNECT_TIMEOUT = 5.0
+#: what each failure of a remote call becomes in :func:`remote_error` (checked in order)
+MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("HTTP 401/403", "RemoteAuthError (names the key's environment variable)"),
+    ("HTTP 5xx during a load", "LoadError (the remote's message, first line)"),
+    ("HTTP 4xx during a load", "InvalidOptions (the remote's message, first line)"),
+    ("HTTP error status during inference", "InferenceError (status kept)"),
+    ("HTTP error status, other calls", "RemoteError"),
+    ("ssl.SSLError anywhere in the cause chain", "RemoteUnreachable (TLS failed)"),
+    ("httpx.ConnectTimeout, httpx.ConnectError", "RemoteUnreachable (cannot connect)"),
+    ("httpx.TimeoutException, TimeoutError", "RequestTimeout (inference), LoadError (load), "
+                                             "RemoteUnreachable (other calls)"),
+    ("httpx.RemoteProtocolError, httpx.ReadError during inference", "InferenceError (cut mid-way)"),
+    ("any other httpx.TransportError", "RemoteUnreachable"),
+    ("ValueError (not JSON), anything else", "RemoteError"),
+)
 
 
 def _first_line(text: str) -> str:

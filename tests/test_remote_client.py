@@ -34,12 +34,13 @@ import psutil
 import pytest
 
 from lemon_magic._remote import RemoteEntry, RemoteSpec, lemonade_load_body, parse_remote, remote_action
-from lemon_magic._remote_client import RemoteClient, remote_error
+from lemon_magic._remote_client import MAPPINGS, RemoteClient, remote_error
 from lemon_magic.backends.llama_server import LlamaServer
 from lemon_magic.errors import (
     BackendUnavailable,
     InferenceError,
     InvalidOptions,
+    LemonError,
     LoadError,
     ModelNotFound,
     RemoteAuthError,
@@ -326,6 +327,42 @@ def test_lemonade_load_body_maps_options_and_refuses_what_it_cannot_apply() -> N
         with pytest.raises(InvalidOptions, match=says) as info:
             lemonade_load_body("m", bad)
         assert "\n" not in str(info.value)
+
+
+def _httpx_errors() -> list[type[httpx.HTTPError]]:
+    def below(cls: type[httpx.HTTPError]) -> set[type[httpx.HTTPError]]:
+        return {cls} | {s for c in cls.__subclasses__() for s in below(c)}
+    return sorted(below(httpx.HTTPError), key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", _httpx_errors())
+@pytest.mark.parametrize("during", ["call", "load", "inference"])
+def test_no_httpx_error_escapes_the_remote_boundary(cls: type[httpx.HTTPError], during: str) -> None:
+    """Every httpx failure, in every phase, becomes a one-line LemonError (``MAPPINGS``)."""
+    spec = parse_remote("http://box:13305", "m", api_key_env=KEY_ENV)
+    request = httpx.Request("GET", "http://box:13305/api/v1/health")
+    if issubclass(cls, httpx.HTTPStatusError):
+        for status in (401, 403, 400, 404, 500, 503):
+            response = httpx.Response(status, json={"error": {"message": "boom\nsecond line"}},
+                                      request=request)
+            error = remote_error(cls("x", request=request, response=response), spec, during=during)
+            assert isinstance(error, LemonError) and "\n" not in error.message
+            assert isinstance(error, RemoteAuthError) == (status in (401, 403))
+            if during == "load" and status >= 500:
+                assert type(error) is LoadError and error.message.endswith(f"HTTP {status}: boom")
+        return
+    exc = cls("x", request=request) if issubclass(cls, httpx.RequestError) else cls("x")
+    error = remote_error(exc, spec, during=during)
+    assert isinstance(error, LemonError) and "\n" not in error.message
+    if isinstance(exc, httpx.ConnectError):
+        assert isinstance(error, RemoteUnreachable)
+
+
+def test_the_remote_mapping_table_names_every_target() -> None:
+    targets = " ".join(target for _, target in MAPPINGS)
+    for name in ("RemoteAuthError", "LoadError", "InvalidOptions", "InferenceError", "RemoteError",
+                 "RemoteUnreachable", "RequestTimeout"):
+        assert name in targets
 
 
 # ------------------------------------------------------------------ lemonade remote
