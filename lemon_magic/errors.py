@@ -20,6 +20,9 @@ fields a UI needs (``model``, ``returncode``, ``log_tail``)::
     │   ├── BackendCrashed          the backend exited while serving the request
     │   └── RequestTimeout          the request ran past its deadline or idle gap
     ├── WaitTimeout                 a bounded wait ran out
+    ├── RemoteError                 a remote server gave an answer lemon_magic cannot use
+    │   ├── RemoteUnreachable       no answer: refused, timed out, TLS failed
+    │   └── RemoteAuthError         the remote refused the API key (401/403)
     └── PullError                   a pull from the Hugging Face Hub that did not complete
         ├── InvalidCheckpoint (ValueError)  not ``org/repo[:VARIANT]``
         ├── HubUnreachable          offline (HF_HUB_OFFLINE) or the Hub cannot be reached
@@ -66,6 +69,9 @@ __all__ = (
     "NotGGUF",
     "PullCancelled",
     "PullError",
+    "RemoteAuthError",
+    "RemoteError",
+    "RemoteUnreachable",
     "RepoAccessDenied",
     "RepoNotFound",
     "RequestTimeout",
@@ -206,6 +212,41 @@ class RequestTimeout(InferenceError):
 
 class WaitTimeout(LemonError):
     """Raised when a bounded wait (for a load, or for requests to drain) runs out."""
+
+
+class RemoteError(LemonError):
+    """Raised when a remote server (``--remote``) answers something lemon_magic cannot use;
+    ``url`` is the remote's base URL as registered."""
+
+    def __init__(self, message: str, *, url: str, model: str | None = None) -> None:
+        super().__init__(message, model=model)
+        self.url = url
+
+
+class RemoteUnreachable(RemoteError):
+    """Raised when a remote server cannot be reached: connection refused, no answer within the
+    bounded timeout, or a TLS failure (``why`` says which)."""
+
+    def __init__(self, url: str, why: str, *, model: str | None = None) -> None:
+        self.why = why
+        super().__init__(f"remote {url} is unreachable: {why}", url=url, model=model)
+
+
+class RemoteAuthError(RemoteError):
+    """Raised on a remote's 401/403; says which environment variable holds (or should hold) the
+    key. The key itself is never part of the message."""
+
+    def __init__(self, url: str, status: int, env: str | None, *, key_set: bool,
+                 model: str | None = None) -> None:
+        self.status = status
+        if env is None:
+            fix = "register it with --api-key-env NAME and set $NAME to its API key"
+        elif key_set:
+            fix = f"the key in ${env} was refused; set ${env} to a key this server accepts"
+        else:
+            fix = f"set ${env} to its API key"
+        super().__init__(f"remote {url} refused the request (HTTP {status}): {fix}",
+                         url=url, model=model)
 
 
 class PullError(LemonError):
