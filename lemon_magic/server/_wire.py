@@ -78,7 +78,8 @@ def error_response(exc: LemonError) -> JSONResponse:
         return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
     message = exc.render()
     if code == "model_load_error":
-        message = f"Failed to load model {exc.model!r}: {exc.render()}"
+        which = f" {exc.model!r}" if exc.model is not None else ""
+        message = f"Failed to load model{which}: {exc.render()}"
     body: dict[str, Any] = {"message": message, "type": code, "param": None, "code": code}
     if exc.model is not None:
         body["requested_model"] = exc.model
