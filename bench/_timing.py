@@ -13,16 +13,39 @@ import httpx
 
 def timed_stream(client: httpx.Client, url: str, payload: dict[str, Any]) -> tuple[float, float, int]:
     """(time to first token, tokens/s after it, tokens) of one streamed completion at ``url``."""
+    ttft, tps, n, _ = timed_stream_with_timings(client, url, payload)
+    return ttft, tps, n
+
+
+def timed_stream_with_timings(client: httpx.Client, url: str,
+                              payload: dict[str, Any]) -> tuple[float, float, int, dict[str, Any]]:
+    """:func:`timed_stream`, plus llama-server's own ``timings`` (from the last event)."""
     stamps = []
+    timings: dict[str, Any] = {}
     began = time.perf_counter()
     with client.stream("POST", url, json={**payload, "stream": True}) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                text = json.loads(line[5:])["choices"][0].get("text")
+                event = json.loads(line[5:])
+                timings = event.get("timings") or timings
+                text = event["choices"][0].get("text") if event.get("choices") else None
                 if text and text.strip():
                     stamps.append(time.perf_counter())
-    return stamps[0] - began, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+    return stamps[0] - began, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps), timings
+
+
+_clients: dict[bool, httpx.Client] = {}
+
+
+def stream_from_here(url: str, payload: dict[str, Any],
+                     keepalive: bool) -> tuple[float, float, int, dict[str, Any]]:
+    """:func:`timed_stream_with_timings` with this process's client (one per keep-alive
+    choice): run it in a separate client process, as any HTTP client of the server is."""
+    if keepalive not in _clients:
+        limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
+        _clients[keepalive] = httpx.Client(timeout=300, limits=limits, trust_env=False)
+    return timed_stream_with_timings(_clients[keepalive], url, payload)
 
 
 def time_together(calls: Sequence[Callable[[], object]]) -> float:

@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _timing import time_together, timed_stream
+from _timing import stream_from_here, time_together, timed_stream
 
 from lemon_magic import Router, RouterConfig
 
@@ -80,19 +81,28 @@ def main() -> None:
                 router.load(MODEL, ctx_size=2048, backend="llama-server")
                 facade_noop.append(time.perf_counter() - t0)
 
-        # 2. streaming: through the server and straight to the backend, alternating
+        # 2. streaming: through the server and straight to the backend, alternating, from a
+        # client in another process (as any HTTP client is: in this one it would share the
+        # server's interpreter lock). The backend without keep-alive, like the router's
+        # per-backend client (llama-server closes kept-alive connections after a few requests);
+        # the server's client keeps its connection, as OpenAI's SDK does.
         backend = router.status()[0].url
         assert backend is not None
         served, direct = [], []
-        # the backend without keep-alive, like the router's per-backend client (llama-server
-        # closes kept-alive connections after a few requests); the server's client keeps its
-        # connection, as OpenAI's SDK does
-        with httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0)) as bare:
-            stream(client, base, 8, MODEL)  # warm the prompt cache for both paths
-            stream(bare, backend + "/v1", 8, None)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as client_process:
+
+            def remote(url: str, model: str | None, tokens: int, keepalive: bool) -> Any:
+                payload: dict[str, Any] = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                                           "seed": 1, **({"model": model} if model else {})}
+                return client_process.submit(stream_from_here, url + "/completions", payload,
+                                             keepalive).result()
+
+            remote(base, MODEL, 8, True)  # warm the prompt cache, and both clients
+            remote(backend + "/v1", None, 8, False)
             for _ in range(args.trials):
-                direct.append(stream(bare, backend + "/v1", args.tokens, None))
-                served.append(stream(client, base, args.tokens, MODEL))
+                direct.append(remote(backend + "/v1", None, args.tokens, False))
+                served.append(remote(base, MODEL, args.tokens, True))
 
         # 3. one cold HTTP load against N concurrent cold HTTP loads
         cold, crowd, crowd_spawns = [], [], []
@@ -158,6 +168,13 @@ def main() -> None:
         "served_tokens_per_s": med(s[1] for s in served),
         "direct_tokens_per_s": med(d[1] for d in direct),
         "tokens_per_s_ratio": med(s[1] for s in served) / med(d[1] for d in direct),
+        "paired_tokens_per_s_ratio": med(s[1] / d[1] for s, d in zip(served, direct, strict=True)),
+        "paired_ttft_added_ms": med((s[0] - d[0]) * 1e3 for s, d in zip(served, direct, strict=True)),
+        # llama-server's own generation speed in the two paths: below 1, the router took CPU
+        # from the backend (2 CPUs, llama-server runs 2 threads)
+        "backend_own_tokens_per_s_ratio": med(
+            s[3].get("predicted_per_second", 0) / d[3]["predicted_per_second"]
+            for s, d in zip(served, direct, strict=True) if d[3].get("predicted_per_second")),
         "cold_http_load_s": med(cold),
         "concurrent_loads": args.concurrency, "concurrent_spawns_max": max(crowd_spawns),
         "concurrent_s": med(crowd), "concurrent_ratio": med(crowd) / med(cold),
@@ -172,6 +189,9 @@ def main() -> None:
     print(f"no-op POST /api/v1/load: median {r['http_noop_load_median_ms']:.3f} ms, p99 "
           f"{r['http_noop_load_p99_ms']:.3f} ms (facade {r['facade_noop_load_median_ms']:.3f} ms)"
           "  (target <= 1 ms; Lemonade: 2 ms)")
+    print(f"paired: tokens/s ratio {r['paired_tokens_per_s_ratio']:.3f}, added first token "
+          f"{r['paired_ttft_added_ms']:.1f} ms; llama-server's own speed served/direct "
+          f"{r['backend_own_tokens_per_s_ratio']:.3f}")
     print(f"streaming tokens/s: server {r['served_tokens_per_s']:.1f} / backend "
           f"{r['direct_tokens_per_s']:.1f} = {r['tokens_per_s_ratio']:.3f}  (target >= 0.98)")
     print(f"time to first token: server {r['served_ttft_ms']:.1f} ms, backend {r['direct_ttft_ms']:.1f} ms: "

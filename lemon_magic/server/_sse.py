@@ -1,8 +1,8 @@
 """Streamed completions over HTTP: the backend's events passed through as server-sent events.
 
-:class:`EventStream` is the ASGI response of a ``stream: true`` request. One task
-(the pump) drives the request's event generator from admission to ``[DONE]``;
-the response forwards what it yields:
+:class:`EventStream` is the ASGI response of a ``stream: true`` request. The
+response's own task drives the request's event generator from admission to
+``[DONE]`` and writes each event as it comes (no hand-off between tasks per event):
 
 * **Status first.** Nothing is sent until the first event, or a failure, comes:
   a failure before it (unknown option, load failure, the backend's own 400)
@@ -14,8 +14,8 @@ the response forwards what it yields:
   one write is blocked longer than the router's ``stream_idle_timeout``, the
   request is cancelled, its lease ends and the connection is closed. A client
   that goes away is noticed at once (the ASGI ``http.disconnect``).
-* Whatever ends the response, the event generator is closed in its own task,
-  so the lease ends and ``requests_in_flight`` goes back down.
+* Whatever ends the response, the event generator is closed in the task that
+  drove it, so the lease ends and ``requests_in_flight`` goes back down.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
@@ -41,11 +40,6 @@ PING_EVERY = 1.0
 _HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]
 log = logging.getLogger("lemon_magic.server")
-
-
-#: an item that asks for a ``: ping`` comment
-_PING = object()
-Item = Event | LemonError | object
 
 
 class _ClientGone(Exception):
@@ -77,40 +71,36 @@ class EventStream:
         #: the first event (or failure) came: no more pings
         self.seen_first = False
         self._ticker = anyio.CancelScope()
+        self._sending = anyio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        items_in, items = anyio.create_memory_object_stream[Item](8)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump, items_in.clone())
-                tg.start_soon(self._tick, items_in)
+                tg.start_soon(self._tick, send)
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 try:
-                    await self._forward(items, send)
+                    await self._forward(send)
                 except _ClientGone:
                     pass
                 tg.cancel_scope.cancel()
         finally:
             self.on_end()
 
-    async def _pump(self, items_in: MemoryObjectSendStream[Item]) -> None:
-        """Drive the event generator in this one task, to its end or until cancelled."""
-        async with items_in, contextlib.aclosing(self.events):
-            try:
-                async for event in self.events:
-                    await items_in.send(event)
-            except LemonError as exc:
-                await items_in.send(exc)
+    async def _tick(self, send: Send) -> None:
+        """A ping every ``PING_EVERY`` s while an admitted request waits for its first event."""
+        with self._ticker:
+            while True:
+                await anyio.sleep(PING_EVERY)
+                async with self._sending:  # never while the first event (or failure) is sent
+                    if self.lease.load is not None and not self.seen_first:
+                        await self._write(send, b": ping\n\n")
 
-    async def _tick(self, items_in: MemoryObjectSendStream[Item]) -> None:
-        """A ping every ``PING_EVERY`` s while an admitted request waits for its first event
-        (never cancelling a receive, which could lose an item)."""
-        async with items_in:
-            with self._ticker:
-                while True:
-                    await anyio.sleep(PING_EVERY)
-                    if self.lease.load is not None:
-                        await items_in.send(_PING)
+    async def _first_seen(self) -> None:
+        """No more pings: wait for one being sent, then stop the ticker."""
+        if not self.seen_first:
+            async with self._sending:
+                self.seen_first = True
+                self._ticker.cancel()
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         while True:
@@ -119,23 +109,22 @@ class EventStream:
                 scope.cancel()
                 return
 
-    async def _forward(self, items: MemoryObjectReceiveStream[Item], send: Send) -> None:
-        async with items:
-            async for item in items:
-                if item is _PING:
-                    if not self.seen_first:
-                        await self._write(send, b": ping\n\n")
-                    continue
-                self.seen_first = True
-                self._ticker.cancel()
-                if isinstance(item, LemonError):
-                    await self._fail(item, send)
-                    return
-                assert isinstance(item, Event)
-                data = {**item.data, "model": self.model}
-                self.on_event(data)
-                await self._write(send, b"data: " + json.dumps(data, separators=(",", ":")).encode()
-                                  + b"\n\n")
+    async def _forward(self, send: Send) -> None:
+        """Drive the event generator in this task (from admission to ``[DONE]``) and pass each
+        event on; the generator is closed here however this ends."""
+        async with contextlib.aclosing(self.events):
+            try:
+                async for event in self.events:
+                    await self._first_seen()
+                    data = {**event.data, "model": self.model}
+                    self.on_event(data)
+                    await self._write(send, b"data: " + json.dumps(data, separators=(",", ":")).encode()
+                                      + b"\n\n")
+            except LemonError as exc:
+                await self._first_seen()
+                await self._fail(exc, send)
+                return
+        await self._first_seen()
         await self._write(send, b"data: [DONE]\n\n", more=False)
 
     async def _fail(self, exc: LemonError, send: Send) -> None:

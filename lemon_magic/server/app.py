@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lemon_magic import _requests
@@ -127,8 +127,8 @@ class _Api:
                 check_http_args(options.extra_args)
             if save:
                 await save_options(self.router, name, body, options)
-            result = await self.router.ensure_loaded(name, options, explicit=True,
-                                                     pin=pinned)
+            result = (self.router._try_noop(name, options) if pinned is None else None) or \
+                await self.router.ensure_loaded(name, options, explicit=True, pin=pinned)
         except LemonError as exc:
             return error_response(exc)
         return JSONResponse({
@@ -290,24 +290,21 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response | EventStream]]
 
 
 def _routes(api: _Api) -> list[BaseRoute]:
+    """One table of routes, mounted under each prefix (hot routes first: a request is matched
+    against the routes in order)."""
     models, info = api.models, api.info
-    get: dict[str, Handler] = {"health": api.health, "models": models.models,
-                               "models/{model_id:path}/options": models.options,
-                               "models/{model_id:path}": models.model, "stats": info.stats_,
-                               "system-info": info.system_info, "params": info.params,
-                               "pull/variants": models.variants}
-    post: dict[str, Handler] = {"load": api.load, "unload": api.unload,
-                                "chat/completions": api.chat_completions,
-                                "completions": api.completions, "embeddings": api.embeddings,
-                                "params": info.params, "models/{model_id:path}/options": models.options,
-                                "pull": models.pull, "delete": models.delete}
-    return [Route("/live", live, methods=["GET"]),
-            *(Route(f"{prefix}/{path}", handler, methods=["GET"])
-              for prefix in PREFIXES for path, handler in get.items()),
-            *(Route(f"{prefix}/{path}", handler, methods=["POST"])
-              for prefix in PREFIXES for path, handler in post.items()),
-            *(Route(f"{prefix}/models/{{model_id:path}}/options", models.options, methods=["DELETE"])
-              for prefix in PREFIXES)]
+    post, get = ["POST"], ["GET"]
+    table: dict[str, tuple[Handler, list[str]]] = {
+        "chat/completions": (api.chat_completions, post), "completions": (api.completions, post),
+        "load": (api.load, post), "health": (api.health, get), "embeddings": (api.embeddings, post),
+        "unload": (api.unload, post), "models": (models.models, get),
+        "models/{model_id:path}/options": (models.options, ["GET", "POST", "DELETE"]),
+        "models/{model_id:path}": (models.model, get), "stats": (info.stats_, get),
+        "system-info": (info.system_info, get), "params": (info.params, ["GET", "POST"]),
+        "pull/variants": (models.variants, get), "pull": (models.pull, post),
+        "delete": (models.delete, post)}
+    inner = [Route(f"/{path}", handler, methods=methods) for path, (handler, methods) in table.items()]
+    return [Route("/live", live, methods=get), *(Mount(prefix, routes=inner) for prefix in PREFIXES)]
 
 
 @dataclass(frozen=True)
