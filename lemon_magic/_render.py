@@ -112,7 +112,8 @@ def _where(e: ModelEntry) -> str:
         size = f", about {e.size / 1e6:.0f} MB" if e.size else ""
         return f"{e.checkpoint} (not downloaded{size}: the first load pulls it)"
     pulled = f"{e.checkpoint}: " if e.checkpoint else ""
-    return pulled + e.path + ("" if e.present else " (not on disk yet)")
+    size = f" ({e.size / 1e6:.0f} MB)" if e.size else ""
+    return pulled + e.path + (size if e.present else " (not on disk yet)")
 
 
 def describe_pull(r: PullResult) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,15 @@ def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
                                "(register it again or edit the file)", model=name) from None
 
 
+def _size(path: Path) -> int | None:
+    """The file's size (``None``: it is not on disk); one ``stat``."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def _check_name(name: object, *, pulled: bool = False) -> str:
     """:param pulled: a pulled model may be named by its checkpoint (``org/repo:VARIANT``)."""
     if not isinstance(name, str) or not name.strip():
@@ -185,8 +195,9 @@ class Registry:
                 out.append(ModelEntry(name, "user", "?", str(self.path), False, state,
                                       problem=exc.message))
                 continue
-            out.append(ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(),
-                                  state, spec.description, checkpoint=spec.checkpoint))
+            size = _size(spec.path)
+            out.append(ModelEntry(name, spec.source, spec.kind, str(spec.path), size is not None,
+                                  state, spec.description, checkpoint=spec.checkpoint, size=size))
         listed = {e.name for e in out}
         out += [ModelEntry(name, spec.source, spec.kind, str(spec.path), spec.path.is_file(), state)
                 for name, (spec, state) in known.items() if name not in listed]
