@@ -64,7 +64,7 @@ class PullBar:
 
             last = self._last
             text = (f"{self.model}: downloaded {last.total / 1e6:.0f} MB" if done and last
-                    else f"{self.model}: {last.describe() if last else 'no progress'} (stopped)")
+                    else f"{self.model}: {last.describe() if last else 'no progress'} (not completed)")
             self._handle.update(Pretty(text))  # type: ignore[no-untyped-call]
             self._bar.close()
             self._label.close()

@@ -8,8 +8,12 @@ auto-load or ``pull`` starts a *pull flight*, a task in the router's task group:
 then the model is registered under that name, and only then can a load spawn a
 backend. Any number of callers of one name join the same flight: one transfer,
 then one spawn. A caller that goes away (Stop) stops waiting; when the last one
-has gone, the download is cancelled (files completed before stay in the cache)
-and nothing is registered. A failed pull leaves the registry as it was.
+has gone, the download is cancelled at its next chunk (files completed before stay
+in the cache; a cancelled file is resumed by the next pull) and nothing is
+registered; a caller that comes while a cancelled flight ends starts a new one.
+A Stop that comes once the files are complete and checked no longer undoes
+anything: the registration (a file write) completes. A failed pull leaves the
+registry as it was. ``delete`` of a name being pulled cancels that pull first.
 
 While a flight runs, ``status()`` has a row for the model whose ``download`` says
 how far it is, and subscribers get an event (``unloaded → unloaded`` with the
@@ -19,7 +23,6 @@ progress as ``detail``) at most every :data:`PROGRESS_EVERY` seconds.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,10 +38,13 @@ from lemon_magic._records import DeleteResult, ModelEntry, ModelStatus, PullResu
 from lemon_magic.errors import (
     InvalidCheckpoint,
     InvalidModelFile,
+    InvalidOptions,
     LemonError,
     ModelNotFound,
     NotDownloaded,
+    PullCancelled,
     PullError,
+    RouterClosed,
 )
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import ModelSpec, Registry
@@ -98,6 +104,9 @@ async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
     try:
         return await router._spec(model)
     except (ModelNotFound, InvalidModelFile):
+        canonical = canonical_name(router.registry, model)
+        if canonical != model and canonical in router.registry.names():
+            return await router._spec(canonical)  # pulled before, under the catalogue's spelling
         target = registered_target(router.registry, model) or pull_target(model)
         if target is None:
             raise
@@ -126,6 +135,8 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
 
     :raises ModelNotFound: ``model`` is none of those.
     """
+    if router._closed:
+        raise RouterClosed()
     if name is None and _is_local(router.registry, model):  # nothing to pull: say where it is
         spec = await router._spec(model)
         return PullResult(spec.name, "", str(spec.path), spec.path.stat().st_size, 0, 0.0)
@@ -192,12 +203,23 @@ class Pulls:
         :raises PullError: the pull failed or was cancelled (nothing is registered).
         :raises LemonError: the registration failed.
         """
-        flight = self._flights.get(target.name)
+        router = self._router
+        while True:
+            if router._closed:
+                raise RouterClosed()
+            flight = self._flights.get(target.name)
+            if flight is None or not flight.cancel.is_set():
+                break
+            await flight.done.wait()  # a cancelled pull is ending (Stop): then start anew
+        if flight is not None and not _same_checkpoint(flight.target.checkpoint, target.checkpoint):
+            raise InvalidOptions(f"{target.name!r} is being pulled from {flight.target.checkpoint} "
+                                 f"right now: wait for it, or pull {target.checkpoint} under another name")
         joined = flight is not None
         if flight is None:
-            flight = self._flights[target.name] = _Flight(target)
-            assert self._router._tg is not None
-            self._router._tg.start_soon(self._run, flight)
+            flight = _Flight(target)
+            assert router._tg is not None
+            router._tg.start_soon(self._run, flight)  # before it is listed: a closed group raises
+            self._flights[target.name] = flight
         flight.waiters += 1
         try:
             await flight.done.wait()
@@ -246,6 +268,8 @@ class Pulls:
                 try:  # failures are caught here, inside the group: no exception group
                     pulled = await anyio.to_thread.run_sync(functools.partial(
                         _hub.pull, target.checkpoint, progress=report, cancel=flight.cancel))
+                    if flight.cancel.is_set():  # Stop came after the last chunk: register nothing
+                        raise PullCancelled(target.checkpoint)
                     flight.result = await self._register(target, pulled, flight.started)
                 except LemonError as exc:
                     flight.error = exc
@@ -255,7 +279,10 @@ class Pulls:
                 finally:
                     tg.cancel_scope.cancel()
         finally:
-            del self._flights[name]
+            if flight.result is None and flight.error is None:  # cancelled from outside
+                flight.error = PullCancelled(target.checkpoint)
+            if self._flights.get(name) is flight:
+                del self._flights[name]
             flight.done.set()
             self._emit(name, str(flight.error) if flight.error else _describe(flight) or "")
 
@@ -278,11 +305,15 @@ class Pulls:
 
     async def _report_progress(self, flight: _Flight) -> None:
         last = None
-        while True:
-            await anyio.sleep(PROGRESS_EVERY)
-            if flight.progress is not last and flight.progress is not None:
-                last = flight.progress
-                self._emit(flight.target.name, _describe(flight) or "")
+        try:
+            while True:
+                await anyio.sleep(PROGRESS_EVERY)
+                if flight.progress is not last and flight.progress is not None:
+                    last = flight.progress
+                    self._emit(flight.target.name, _describe(flight) or "")
+        finally:  # cancelled with the pull's group: tell the worker thread (it checks per chunk)
+            if flight.result is None:
+                flight.cancel.set()
 
     def _emit(self, name: str, detail: str) -> None:
         now = time.time()
@@ -295,26 +326,47 @@ class Pulls:
         :raises ModelNotFound: ``name`` is not a user registration.
         """
         router = self._router
+        flight = self._flights.get(name)
+        if flight is not None:  # a pull of it runs: it ends first, registering nothing
+            flight.cancel.set()
+            await flight.done.wait()
         if name not in router.registry.user_names():
             raise ModelNotFound(name, router.registry.user_names(), paths=False)
         spec = router.registry.lookup(name)
         unloaded = await router.unregister(name)
         freed = 0
-        if spec.checkpoint is not None and not self._shared(spec.checkpoint, spec.path):
+        if spec.checkpoint is not None and not self._shared(spec.checkpoint):
             freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
         return DeleteResult(name, unloaded.pid if unloaded else None, freed)
 
-    def _shared(self, checkpoint: str, path: Path) -> bool:
-        """Whether another registration uses the same pulled file."""
-        registry = self._router.registry
+    def _shared(self, checkpoint: str) -> bool:
+        """Whether another registration was pulled from the same repo (removing a checkpoint's
+        files touches every snapshot of its repo, so they stay)."""
+        registry, repo = self._router.registry, _hub.Checkpoint.parse(checkpoint).repo_id
         for other in registry.user_names():
             try:
                 spec = registry.lookup(other)
             except LemonError:
                 continue
-            if spec.checkpoint is not None and os.path.realpath(spec.path) == os.path.realpath(path):
+            if spec.checkpoint is not None and _hub.Checkpoint.parse(spec.checkpoint).repo_id == repo:
                 return True
         return False
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """Whether two spellings can mean the same pull (one repo; variants equal, or one unset)."""
+    ca, cb = _hub.Checkpoint.parse(a), _hub.Checkpoint.parse(b)
+    return ca.repo_id == cb.repo_id and (ca.variant is None or cb.variant is None
+                                         or ca.variant.casefold() == cb.variant.casefold())
+
+
+def canonical_name(registry: Registry, name: str) -> str:
+    """The name a pull of ``name`` registers (and its flight is known by): a catalogue model's
+    own spelling when ``name`` is one typed in another case, else ``name``."""
+    if name in registry.names():
+        return name
+    entry = catalog_entry(name)
+    return entry.name if entry is not None else name
 
 
 def _joined(result: PullResult) -> PullResult:

@@ -28,7 +28,7 @@ from anyio.from_thread import start_blocking_portal
 from lemon_magic import _requests
 from lemon_magic._hub import PullProgress
 from lemon_magic._inference import check_payload
-from lemon_magic._pulling import PROGRESS_EVERY
+from lemon_magic._pulling import PROGRESS_EVERY, canonical_name
 from lemon_magic._records import (
     Completion,
     DeleteResult,
@@ -162,6 +162,8 @@ class Router:
                 return fast
         if progress is None:
             return self._call(self._async.ensure_loaded, model, requested, explicit=True, pin=pin)
+        if self.closed:
+            raise RouterClosed()
         future = self._portal.start_task_soon(functools.partial(
             self._async.ensure_loaded, model, requested, explicit=True, pin=pin))
         return self._wait(future, model, progress, phase="load")
@@ -225,6 +227,8 @@ class Router:
 
         :raises PullError: the pull failed (one line: offline, unknown repo, no such variant, …).
         """
+        if self.closed:
+            raise RouterClosed()
         future = self._portal.start_task_soon(functools.partial(self._async.pull, model, name=name))
         return self._wait(future, name or model, progress, phase="pull")
 
@@ -237,19 +241,23 @@ class Router:
         """``future``'s result, reporting ``model``'s download to ``progress`` meanwhile (from
         this thread); Stop cancels the call and says what goes on."""
         last = None
+        flight = canonical_name(self._async.registry, model)  # what the pull is known by
         try:
             while True:
                 try:
                     return future.result(timeout=None if progress is None else PROGRESS_EVERY)
                 except concurrent.futures.TimeoutError:
-                    report = self._call_sync(self._async._pulls.progress, model)
+                    report = self._call_sync(self._async._pulls.progress, flight)
                     if report is not None and report is not last:
                         last = report
                         progress(report)  # type: ignore[misc]
         except KeyboardInterrupt:
-            downloading = self._call_sync(self._async._pulls.download, model) is not None
+            downloading = self._call_sync(self._async._pulls.download, flight) is not None
             future.cancel()
             raise Interrupted(model, "pull" if downloading else phase) from None
+        except BaseException:  # a progress callback failed (or worse): stop waiting, let go
+            future.cancel()
+            raise
 
     def model_names(self) -> list[str]:
         """Built-in and registered model names, sorted."""

@@ -253,3 +253,58 @@ def test_pulling_a_local_model_transfers_nothing_and_keeps_its_file(
     assert (got.checkpoint, got.downloaded, got.path) == ("", 0, tiny_model)
     assert not hub.requests and router.async_router.registry.lookup("Tiny-Test-Model-GGUF").checkpoint is None
     assert entry.checkpoint  # the catalogue would have pulled this, had the name not been registered
+
+
+def test_a_pull_right_after_a_stop_starts_anew_and_one_name_is_one_checkpoint(
+        hub: HubStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that comes while a cancelled flight ends does not inherit its cancellation; a name
+    being pulled from one checkpoint refuses another (found by review)."""
+    import anyio
+
+    from lemon_magic import InvalidOptions
+    from lemon_magic.router import AsyncRouter
+
+    hub.add_repo(REPO, FILES)
+    _slow_chunks(monkeypatch, hub, 20_000)
+
+    async def main() -> None:
+        async with AsyncRouter() as router:
+            with anyio.move_on_after(0.5):
+                await router.pull(CHECKPOINT)  # Stop: the last waiter leaves
+            hub.throttle = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(router.pull, CHECKPOINT)
+                await anyio.sleep(0.05)
+                with pytest.raises(InvalidOptions, match="is being pulled from lemon/tiny-GGUF:Q4_K_M"):
+                    await router.pull(f"{REPO}:Q8_0", name=CHECKPOINT)
+            assert router.registry.lookup(CHECKPOINT).checkpoint == CHECKPOINT
+
+    anyio.run(main)
+
+
+def test_deleting_one_pull_of_a_repo_keeps_the_files_another_registration_uses(
+        hub: HubStub, make_router: Callable[..., Router]) -> None:
+    repo = hub.add_repo(REPO, FILES)
+    router = make_router()
+    router.pull(CHECKPOINT, name="a")
+    repo.put("tiny-Q4_K_M.gguf", tiny_gguf(9))  # a new commit on the Hub
+    router.pull(CHECKPOINT, name="b")
+    assert router.delete("a").freed == 0  # "b" came from the same repo: its files stay
+    assert router.load("b", ctx_size=256).action == "loaded"
+
+
+def test_a_progress_callback_that_fails_lets_the_pull_go(
+        hub: HubStub, make_router: Callable[..., Router], monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo(REPO, FILES)
+    _slow_chunks(monkeypatch, hub, 40_000)
+    router = make_router()
+
+    def broken(p: object) -> None:
+        raise ValueError("callback bug")
+
+    with pytest.raises(ValueError, match="callback bug"):
+        router.pull(CHECKPOINT, progress=broken)
+    deadline = time.monotonic() + 10
+    while router.status() and time.monotonic() < deadline:  # no waiter left: it is cancelled
+        time.sleep(0.05)
+    assert router.status() == [] and CHECKPOINT not in router.model_names()

@@ -21,9 +21,9 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lemon_magic._pulling import PROGRESS_EVERY
+from lemon_magic._pulling import PROGRESS_EVERY, canonical_name
 from lemon_magic._records import ModelEntry, PullResult
-from lemon_magic.errors import InvalidOptions, LemonError, ModelNotFound, RepoNotFound
+from lemon_magic.errors import InvalidOptions, LemonError, ModelNotFound, PullError, RepoNotFound
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
 from lemon_magic.server._args import check_http_args
@@ -191,6 +191,8 @@ class ModelsApi:
                 outcome["result"] = await self.router.pull(source, name=name)
             except LemonError as exc:
                 outcome["error"] = exc
+            except Exception as exc:  # never into the router's task group
+                outcome["error"] = PullError(f"the pull of {source} failed: {type(exc).__name__}: {exc}")
             finally:
                 done.set()
 
@@ -200,16 +202,17 @@ class ModelsApi:
         while not done.is_set():
             with anyio.move_on_after(PROGRESS_EVERY):
                 await done.wait()
-            p = self.router._pulls.progress(name or source)
+            p = self.router._pulls.progress(name or canonical_name(self.router.registry, source))
             if p is not None and p is not last:
                 last = p
                 yield _sse("progress", {"file": p.file, "bytes_downloaded": p.done, "bytes_total": p.total,
                                         "percent": round(p.fraction * 100, 1), "rate": p.rate, "eta": p.eta})
-        if "error" in outcome:
-            yield _sse("error", {"error": outcome["error"].render()})
-        else:
+        if "result" in outcome:
             yield _sse("complete", {"status": "success", "model_name": model,
                                     **_pulled(outcome["result"])})
+        else:  # an error, or the router closed under the pull
+            error = outcome.get("error")
+            yield _sse("error", {"error": error.render() if error else "the server stopped the pull"})
 
     async def variants(self, request: Request) -> Response:
         """Lemonade's ``GET pull/variants?checkpoint=org/repo``: the variants the repo offers."""

@@ -76,7 +76,7 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._tick, send)
+                tg.start_soon(self._tick, send, tg.cancel_scope)
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 try:
                     await self._forward(send)
@@ -86,14 +86,19 @@ class EventStream:
         finally:
             self.on_end()
 
-    async def _tick(self, send: Send) -> None:
-        """A ping every ``PING_EVERY`` s while an admitted request waits for its first event."""
+    async def _tick(self, send: Send, response: anyio.CancelScope) -> None:
+        """A ping every ``PING_EVERY`` s while an admitted request waits for its first event;
+        a client that does not take one is let go (the whole response is cancelled)."""
         with self._ticker:
             while True:
                 await anyio.sleep(PING_EVERY)
                 async with self._sending:  # never while the first event (or failure) is sent
                     if self.lease.load is not None and not self.seen_first:
-                        await self._write(send, b": ping\n\n")
+                        try:
+                            await self._write(send, b": ping\n\n")
+                        except _ClientGone:
+                            response.cancel()
+                            return
 
     async def _first_seen(self) -> None:
         """No more pings: wait for one being sent, then stop the ticker."""
