@@ -23,6 +23,7 @@ progress as ``detail``) at most every :data:`PROGRESS_EVERY` seconds.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -335,22 +336,28 @@ class Pulls:
         spec = router.registry.lookup(name)
         unloaded = await router.unregister(name)
         freed = 0
-        if spec.checkpoint is not None and not self._shared(spec.checkpoint):
+        if spec.checkpoint is not None and not self._shared(spec.path):
             freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
         return DeleteResult(name, unloaded.pid if unloaded else None, freed)
 
-    def _shared(self, checkpoint: str) -> bool:
-        """Whether another registration was pulled from the same repo (removing a checkpoint's
-        files touches every snapshot of its repo, so they stay)."""
-        registry, repo = self._router.registry, _hub.Checkpoint.parse(checkpoint).repo_id
+    def _shared(self, path: Path) -> bool:
+        """Whether another registration was pulled into the same repo folder of the same cache
+        (removing a checkpoint's files touches every snapshot of its repo, so they stay)."""
+        registry, folder = self._router.registry, _repo_folder(path)
         for other in registry.user_names():
             try:
                 spec = registry.lookup(other)
             except LemonError:
                 continue
-            if spec.checkpoint is not None and _hub.Checkpoint.parse(spec.checkpoint).repo_id == repo:
+            if spec.checkpoint is not None and _repo_folder(spec.path) == folder:
                 return True
         return False
+
+
+def _repo_folder(path: Path) -> str:
+    """The Hub cache's folder of the repo a pulled file is in (its link resolves into
+    ``models--org--repo/blobs/``)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(path)))
 
 
 def _same_checkpoint(a: str, b: str) -> bool:
