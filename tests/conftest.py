@@ -65,6 +65,18 @@ def tiny_model_c(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
+def forget_registrations() -> Iterator[None]:
+    """Registrations persist (models.json is per session): drop the ones a test made."""
+    from lemon_magic import Registry
+
+    registry = Registry()
+    before = set(registry.user_names())
+    yield
+    for name in set(registry.user_names()) - before:
+        registry.unregister(name)
+
+
+@pytest.fixture
 def make_router() -> Iterator[Callable[..., Router]]:
     """Build routers that are closed (and checked for leftovers) when the test ends."""
     made: list[Router] = []

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -401,19 +401,10 @@ def test_failures_map_to_one_line_errors() -> None:
     assert type(other) is PullError and other.message == "pull of o/r:Q4_0 failed: ValueError: odd"
 
 
-@pytest.fixture
-def _forget_pulled() -> Iterator[None]:
-    from lemon_magic import Registry
-
-    registry = Registry()
-    before = set(registry.user_names())
-    yield
-    for name in set(registry.user_names()) - before:
-        registry.unregister(name)
 
 
 @pytest.mark.real
-@pytest.mark.usefixtures("_forget_pulled")
+@pytest.mark.usefixtures("forget_registrations")
 @pytest.mark.parametrize("variant", ["Q4_K_M", "F32"])
 def test_a_pulled_model_loads_on_a_real_backend_and_completes(
         hub: HubStub, make_router: Callable[..., Router], variant: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,7 +16,6 @@ from lemon_magic import (
     ChecksumMismatch,
     ModelNotFound,
     NotDownloaded,
-    Registry,
     RepoNotFound,
     Router,
     VariantNotFound,
@@ -30,21 +29,13 @@ from tests.hubstub import HubStub, hub, tiny_gguf
 
 __all__ = ("hub",)  # the fixture, imported for the tests below
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("forget_registrations")]
 
 REPO = "lemon/tiny-GGUF"
 FILES = {"tiny-Q4_K_M.gguf": tiny_gguf(1), "tiny-Q8_0.gguf": tiny_gguf(2)}
 CHECKPOINT = f"{REPO}:Q4_K_M"
 
 
-@pytest.fixture(autouse=True)
-def _forget_registrations() -> Iterator[None]:
-    """Registrations persist (models.json is per session): drop the ones a test made."""
-    registry = Registry()
-    before = set(registry.user_names())
-    yield
-    for name in set(registry.user_names()) - before:
-        registry.unregister(name)
 
 
 def _slow_chunks(monkeypatch: pytest.MonkeyPatch, hub: HubStub, bytes_per_second: int) -> None:

@@ -4,31 +4,22 @@ GET pull/variants, models?show_all, and loading a checkpoint by name, over real 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import openai
 import pytest
 
-from lemon_magic import Registry
 from lemon_magic._hubcatalog import load_catalog
 from tests.hubstub import HubStub, hub, tiny_gguf
 from tests.serving import CHAT, Served
 
 __all__ = ("hub",)  # the fixture, imported for the tests below
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("forget_registrations")]
 
 REPO = "lemon/tiny-GGUF"
 FILES = {"tiny-Q4_K_M.gguf": tiny_gguf(1), "tiny-Q8_0.gguf": tiny_gguf(2)}
 
 
-@pytest.fixture(autouse=True)
-def _forget_registrations() -> Iterator[None]:
-    registry = Registry()
-    before = set(registry.user_names())
-    yield
-    for name in set(registry.user_names()) - before:
-        registry.unregister(name)
 
 
 def _events(text: str) -> list[tuple[str, dict[str, object]]]:
