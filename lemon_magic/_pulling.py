@@ -99,9 +99,12 @@ def pull_target(name: str, *, register_as: str | None = None) -> PullTarget | No
     return None
 
 
-async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
-    """The spec of ``model``, pulling it first if it is pullable and not here: a catalogue
-    model or a checkpoint never seen, or a pulled model whose files have gone."""
+async def _spec_or_target(router: AsyncRouter, model: str) -> ModelSpec | PullTarget:
+    """The spec of ``model``, or, when it is not here but pullable, the pull that brings it: a
+    catalogue model or a checkpoint never seen, or a pulled model whose files have gone.
+
+    :raises LemonError: neither (the resolution's own error).
+    """
     try:
         return await router._spec(model)
     except (ModelNotFound, InvalidModelFile):
@@ -111,7 +114,15 @@ async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
         target = registered_target(router.registry, model) or pull_target(model)
         if target is None:
             raise
-    pulled = await router._pulls.pull(target)
+        return target
+
+
+async def spec_or_pull(router: AsyncRouter, model: str) -> ModelSpec:
+    """The spec of ``model``, pulling it first if it is pullable and not here."""
+    found = await _spec_or_target(router, model)
+    if isinstance(found, ModelSpec):
+        return found
+    pulled = await router._pulls.pull(found)
     return await router._spec(pulled.model)  # the catalogue's spelling of a name typed in any case
 
 
@@ -120,14 +131,11 @@ async def spec_for_plan(router: AsyncRouter, model: str) -> ModelSpec:
 
     :raises NotDownloaded: a load would pull it first.
     """
-    try:
-        return await router._spec(model)
-    except (ModelNotFound, InvalidModelFile):
-        target = registered_target(router.registry, model) or pull_target(model)
-        if target is None:
-            raise
-    entry = catalog_entry(target.name)
-    raise NotDownloaded(model, target.checkpoint, entry.size if entry else None)
+    found = await _spec_or_target(router, model)
+    if isinstance(found, ModelSpec):
+        return found
+    entry = catalog_entry(found.name)
+    raise NotDownloaded(model, found.checkpoint, entry.size if entry else None)
 
 
 async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:

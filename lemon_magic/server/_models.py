@@ -104,24 +104,26 @@ class ModelsApi:
     router: AsyncRouter
     allow_any_args: bool
 
-    def _context_length(self, spec: ModelSpec) -> int | None:
+    def _loaded_ctx(self) -> dict[str, int]:
+        """Model name → the context size of its running process (one status snapshot)."""
+        return {s.name: s.options.ctx_size for s in self.router.status() if s.options is not None}
+
+    def _context_length(self, spec: ModelSpec, loaded_ctx: dict[str, int]) -> int | None:
         """The loaded process's context size, else what a load would use now."""
-        loaded = next((s.options for s in self.router.status()
-                       if s.name == spec.name and s.options is not None), None)
-        if loaded is not None:
-            return loaded.ctx_size
+        if spec.name in loaded_ctx:
+            return loaded_ctx[spec.name]
         try:
             return self.router.resolve(spec, LoadOptions()).ctx_size
         except LemonError:
             return None
 
-    def model_object(self, e: ModelEntry) -> dict[str, Any]:
+    def model_object(self, e: ModelEntry, loaded_ctx: dict[str, int]) -> dict[str, Any]:
         saved: dict[str, Any] = {}
         context_length = None
         try:
             spec = self.router.registry.lookup(e.name)
             saved = shown(spec.defaults)
-            context_length = self._context_length(spec) if e.present else None
+            context_length = self._context_length(spec, loaded_ctx) if e.present else None
         except LemonError:
             pass
         return {"id": e.name, "object": "model", "created": _CREATED, "owned_by": "lemon_magic",
@@ -138,7 +140,8 @@ class ModelsApi:
         show_all = request.query_params.get("show_all") == "true"
         entries = [e for e in self.router.models(all=show_all) if e.source != "path"
                    and (show_all or e.present)]
-        return JSONResponse({"object": "list", "data": [self.model_object(e) for e in entries]})
+        loaded = self._loaded_ctx()
+        return JSONResponse({"object": "list", "data": [self.model_object(e, loaded) for e in entries]})
 
     async def model(self, request: Request) -> Response:
         try:
@@ -148,7 +151,7 @@ class ModelsApi:
         entry = next((e for e in self.router.models(all=True) if e.name == name), None)
         if entry is None:  # a checkpoint not pulled yet
             return error_response(ModelNotFound(name, self.router.registry.names(), paths=False))
-        return JSONResponse(self.model_object(entry))
+        return JSONResponse(self.model_object(entry, self._loaded_ctx()))
 
     # ------------------------------------------------------------- pull, delete
 
@@ -205,14 +208,15 @@ class ModelsApi:
             p = self.router._pulls.progress(name or canonical_name(self.router.registry, source))
             if p is not None and p is not last:
                 last = p
-                yield _sse("progress", {"file": p.file, "bytes_downloaded": p.done, "bytes_total": p.total,
-                                        "percent": round(p.fraction * 100, 1), "rate": p.rate, "eta": p.eta})
+                yield _pull_event("progress", {
+                    "file": p.file, "bytes_downloaded": p.done, "bytes_total": p.total,
+                    "percent": round(p.fraction * 100, 1), "rate": p.rate, "eta": p.eta})
         if "result" in outcome:
-            yield _sse("complete", {"status": "success", "model_name": model,
+            yield _pull_event("complete", {"status": "success", "model_name": model,
                                     **_pulled(outcome["result"])})
         else:  # an error, or the router closed under the pull
             error = outcome.get("error")
-            yield _sse("error", {"error": error.render() if error else "the server stopped the pull"})
+            yield _pull_event("error", {"error": error.render() if error else "the server stopped the pull"})
 
     async def variants(self, request: Request) -> Response:
         """Lemonade's ``GET pull/variants?checkpoint=org/repo``: the variants the repo offers."""
@@ -308,5 +312,5 @@ def _pulled(r: PullResult) -> dict[str, Any]:
             "downloaded": r.downloaded, "seconds": round(r.seconds, 3), "joined": r.joined}
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
+def _pull_event(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
