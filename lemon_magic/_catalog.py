@@ -7,15 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
+from lemon_magic import _remoting
 from lemon_magic._policy import ModelState
 from lemon_magic._records import UnloadResult
+from lemon_magic._remote import parse_remote
 from lemon_magic.errors import ModelNotFound, ModelNotLoaded
 from lemon_magic.registry import ModelSpec
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("register", "unregister")
+__all__ = ("register", "register_remote", "unregister")
 
 
 async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str], *, kind: str,
@@ -25,19 +27,46 @@ async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str],
     spec = await anyio.to_thread.run_sync(lambda: router.registry.register(
         name, path, kind=kind, description=description, **defaults))
     router._resolver.invalidate()
+    if name in router._remotes:  # the name was a remote model's: let that go here
+        _remoting.forget(router, router._remotes[name])
+    return spec
+
+
+async def register_remote(router: AsyncRouter, name: str, url: str, remote_model: str, *,
+                          api: str, api_key_env: str | None, kind: str, description: str,
+                          **defaults: Any) -> ModelSpec:
+    """Validate and persist a remote registration; a local backend running under that name
+    is unloaded first (the name now means the remote's model)."""
+    remote = parse_remote(url, remote_model, api, api_key_env)
+    spec = await anyio.to_thread.run_sync(lambda: router.registry.register_remote(
+        name, remote, kind=kind, description=description, **defaults))
+    router._resolver.invalidate()
+    local = router._models.get(name)
+    if local is not None:
+        try:
+            await router.unload(name, reason="registered anew as a remote model")
+        except ModelNotLoaded:
+            pass
+        if router._models.get(name) is local and local.state is ModelState.UNLOADED:
+            del router._models[name]
     return spec
 
 
 async def unregister(router: AsyncRouter, name: str) -> UnloadResult | None:
-    """Unload the model if it is loaded, forget the registration and the router's row."""
+    """Unload the model if it is loaded here, forget the registration and the router's row (a
+    remote model stays loaded on its server)."""
     if name not in router.registry.user_names():
         raise ModelNotFound(name, router.registry.user_names())
-    try:
-        unloaded: UnloadResult | None = await router.unload(name, reason="unregistered")
-    except ModelNotLoaded:
-        unloaded = None
+    unloaded: UnloadResult | None = None
+    if name in router._models:  # a remote model is let go below, not unloaded on its server
+        try:
+            unloaded = await router.unload(name, reason="unregistered")
+        except ModelNotLoaded:
+            pass
     await anyio.to_thread.run_sync(router.registry.unregister, name)
     router._resolver.invalidate()
+    if name in router._remotes:  # the remote keeps its model; only our slot goes
+        _remoting.forget(router, router._remotes[name])
     slot = router._models.get(name)
     # a request still counted on the old slot is released there (its lease holds the slot)
     if slot is not None and slot.state in (ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from IPython.core.error import UsageError
 from IPython.core.magic import line_magic
 from IPython.core.magic_arguments import argument, magic_arguments
 
@@ -90,27 +91,48 @@ class CatalogMagics:
     @_no_abbrev
     @magic_arguments()
     @argument("name", help="the name to register")
-    @argument("path", help="path of the .gguf file")
+    @argument("path", nargs="?", help="path of the .gguf file (not with --remote)")
+    @argument("--remote", help="a server that serves the model: http(s)://host:port[/v1]")
+    @argument("--remote-model", help="the model's name on that server")
+    @argument("--api", default="lemonade", help="what the server speaks: lemonade (Lemonade "
+                                                 "Server, lemon-magic serve) or openai")
+    @argument("--api-key-env", help="environment variable holding the server's API key")
     @argument("--kind", default="llm", help="llm, embedding or reranking")
     @argument("--ctx-size", help="default context size")
     @argument("--threads", help="default CPU threads")
-    @argument("--backend", help="default backend")
+    @argument("--backend", help="default backend (a lemonade remote: its llama.cpp device)")
     @argument("--chat-template", help="default chat template")
     @argument("--description", default="", help="a note shown by %%lemon_models")
     @line_magic
     def lemon_register(self, line: str) -> None:
-        """Give a GGUF file a name, with default load options (kept across sessions).
+        """Give a GGUF file, or a model another server serves, a name with default load options
+        (kept across sessions; an API key is never stored, only its variable's name).
 
         In [1]: %lemon_register tiny /data/tiny.gguf --ctx-size 2048
         registered tiny → /data/tiny.gguf
+        In [2]: %lemon_register big --remote http://gpu-box:13305 --remote-model Qwen3-8B-GGUF
+        registered big → http://gpu-box:13305 (lemonade: Qwen3-8B-GGUF)
         """
         args = _parse(self.lemon_register, line)
         defaults = {k: v for k, v in {"ctx_size": args.ctx_size, "threads": args.threads,
                                       "backend": args.backend,
                                       "chat_template": args.chat_template}.items() if v is not None}
-        spec = self.router.register(args.name, args.path, kind=args.kind,
-                                    description=args.description, **defaults)
-        print(f"registered {spec.name} → {spec.path}")
+        if args.remote is None:
+            if args.path is None:
+                raise UsageError("give the .gguf file's path, or --remote URL --remote-model NAME")
+            if args.remote_model or args.api_key_env:
+                raise UsageError("--remote-model and --api-key-env go with --remote URL")
+            spec = self.router.register(args.name, args.path, kind=args.kind,
+                                        description=args.description, **defaults)
+        else:
+            if args.path is not None:
+                raise UsageError(f"give a path or --remote, not both (got {args.path!r} and "
+                                 f"--remote {args.remote})")
+            spec = self.router.register_remote(args.name, args.remote, args.remote_model,
+                                               api=args.api, api_key_env=args.api_key_env,
+                                               kind=args.kind, description=args.description,
+                                               **defaults)
+        print(f"registered {spec.name} → {spec.where}")
 
     @_no_abbrev
     @magic_arguments()

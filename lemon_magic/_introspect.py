@@ -51,6 +51,7 @@ def status(router: AsyncRouter) -> list[ModelStatus]:
             tuple(m.log_tail(20)), now_wall - (now - m.state_since),
             None if idle_at is None else now_wall + (idle_at - now), proc.argv if proc else None,
             router._pulls.download(m.name)))
+    out += [r.status() for r in router._remotes.values()]
     return out + router._pulls.statuses({s.name for s in out})
 
 

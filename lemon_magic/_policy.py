@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from lemon_magic.errors import NotEnoughMemory, SlotsFull
 from lemon_magic.options import ResolvedOptions
 
-__all__ = ("Decision", "ModelState", "SlotView", "admit_memory", "choose_evictions", "decide",
-           "restart_backoff")
+__all__ = ("REMOTE_TRANSITIONS", "TRANSITIONS", "Decision", "ModelState", "SlotView", "admit_memory",
+           "choose_evictions", "decide", "restart_backoff")
 
 
 class ModelState(str, enum.Enum):
@@ -26,6 +26,7 @@ class ModelState(str, enum.Enum):
     STOPPING = "stopping"  #: its process is being stopped (unload or eviction)
     CRASHED = "crashed"  #: its process died after it was ready; restarted on next use
     FAILED = "failed"  #: the last load failed; retried on next use
+    UNREACHABLE = "unreachable"  #: a remote model whose server stopped answering (polled until back)
 
     def __str__(self) -> str:
         return self.value
@@ -39,6 +40,21 @@ TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     ModelState.STOPPING: frozenset({ModelState.UNLOADED}),
     ModelState.CRASHED: frozenset({ModelState.LOADING, ModelState.UNLOADED}),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.UNLOADED}),
+    ModelState.UNREACHABLE: frozenset(),  # remote models only (``REMOTE_TRANSITIONS``)
+}
+
+#: the transitions of a remote model (no process: it never crashes; its server may go away,
+#: and another client of that server may unload it: READY -> UNLOADED)
+REMOTE_TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.UNLOADED: frozenset({ModelState.LOADING, ModelState.READY}),
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED}),
+    ModelState.READY: frozenset({ModelState.LOADING, ModelState.STOPPING, ModelState.UNREACHABLE,
+                                 ModelState.UNLOADED}),
+    ModelState.UNREACHABLE: frozenset({ModelState.READY, ModelState.LOADING, ModelState.STOPPING,
+                                       ModelState.UNLOADED}),
+    ModelState.STOPPING: frozenset({ModelState.UNLOADED, ModelState.UNREACHABLE}),
+    ModelState.CRASHED: frozenset(),
+    ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.READY, ModelState.UNLOADED}),
 }
 
 

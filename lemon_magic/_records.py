@@ -14,7 +14,7 @@ from lemon_magic._policy import ModelState
 from lemon_magic.options import LoadOptions, ResolvedOptions
 
 __all__ = ("Chunk", "Completion", "DeleteResult", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
-           "PullResult", "RouterConfig", "RouterEvent", "UnloadResult")
+           "PullResult", "RemoteView", "RouterConfig", "RouterEvent", "UnloadResult")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class RouterConfig:
     port_retries: int = 3
     #: load options used where neither the request nor the model's registration sets one
     default_options: LoadOptions = field(default_factory=LoadOptions)
+    #: seconds between two health checks of a ready remote model (unreachable / back)
+    remote_poll_interval: float = 1.0
+    #: seconds one remote control call (health, unload, listing) may take
+    remote_timeout: float = 10.0
+    #: seconds a remote load may take (the remote may download the model first)
+    remote_load_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,12 @@ class LoadResult:
     model: str
     #: ``"loaded"`` (started), ``"noop"`` (already loaded as asked) or ``"reloaded"``
     action: Literal["loaded", "noop", "reloaded"]
+    #: the backend kind (a remote model: ``"lemonade remote"`` or ``"openai remote"``)
     backend: str
-    pid: int
+    #: the backend's pid (a remote model: the remote's, ``None`` if it does not report one)
+    pid: int | None
     url: str
+    #: what the backend runs with (a remote model: what its server reports; 0 = not reported)
     options: ResolvedOptions
     #: wall time of this call (including any wait for another caller's load)
     seconds: float
@@ -74,6 +83,8 @@ class LoadResult:
     options_differ: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
     #: for a reload: the options it replaced
     previous_options: ResolvedOptions | None = None
+    #: a remote model: the server's URL as registered (``None``: a local backend)
+    remote: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class UnloadResult:
     seconds: float
     #: the model was still loading; its load was cancelled
     cancelled_load: bool = False
+    #: what else to know (a remote model: what its server did)
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,27 @@ class ModelStatus:
     argv: tuple[str, ...] | None = None
     #: a pull of its file in progress, e.g. ``downloading 34 % (120/350 MB), 2.1 MB/s, 0:19 left``
     download: str | None = None
+    #: a remote model: where it is served and what its server last reported
+    remote: RemoteView | None = None
+
+
+@dataclass(frozen=True)
+class RemoteView:
+    """A remote model as its server last reported it (never the API key)."""
+
+    url: str
+    #: ``"lemonade"`` or ``"openai"``
+    api: str
+    #: the model's name on the remote server
+    remote_model: str
+    #: the remote's own word for the model's state (``ready``, ``loaded``, ``unloaded``…)
+    status: str | None
+    #: the remote's pid for it (lemonade remotes that report one)
+    pid: int | None
+    #: its options as the remote reports them (``ctx_size``, ``llamacpp_args``…)
+    options: Mapping[str, Any]
+    #: wall-clock time of the last answer from the remote (``None``: none yet)
+    checked_at: float | None
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,11 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from lemon_magic.errors import InvalidOptions
-from lemon_magic.options import LoadOptions
+from lemon_magic.options import LoadOptions, ResolvedOptions
 
-__all__ = ("APIS", "LLAMACPP_BACKENDS", "RemoteEntry", "RemoteLoad", "RemoteSpec", "entry_from_health",
-           "entry_from_models", "lemonade_load_body", "parse_remote", "remote_action")
+__all__ = ("APIS", "LLAMACPP_BACKENDS", "RemoteEntry", "RemoteLoad", "RemoteSpec", "check_remote_options",
+           "entry_from_health", "entry_from_models", "lemonade_load_body", "options_differ",
+           "parse_remote", "remote_action", "reported_options")
 
 Api = Literal["lemonade", "openai"]
 #: the protocols a remote may speak
@@ -187,6 +188,45 @@ def lemonade_load_body(model: str, options: LoadOptions) -> dict[str, Any]:
                                  f"({', '.join(sorted(LLAMACPP_BACKENDS))}), got {options.backend!r}")
         body["llamacpp_backend"] = options.backend
     return body
+
+
+def check_remote_options(spec: RemoteSpec, options: LoadOptions) -> None:
+    """Refuse, in one line, load options the remote cannot apply (never silently dropped): an
+    openai remote has no load control at all; a lemonade remote takes ``ctx_size``,
+    ``extra_args`` and ``backend`` (see :func:`lemonade_load_body`).
+
+    :raises InvalidOptions: naming the options and the remote.
+    """
+    if spec.api == "lemonade":
+        lemonade_load_body(spec.remote_model, options)
+        return
+    given = [name for name in ("ctx_size", "threads", "extra_args", "chat_template", "backend")
+             if getattr(options, name) is not None]
+    if given:
+        raise InvalidOptions(f"{spec.url} is an openai remote with no load control: it cannot "
+                             f"apply {', '.join(given)} (set them on the server itself)",
+                             model=spec.remote_model)
+
+
+def reported_options(spec: RemoteSpec, entry: RemoteEntry | None) -> ResolvedOptions:
+    """The remote's report as :class:`ResolvedOptions` (what load results carry): ``ctx_size``
+    0 and no args where the remote does not say; ``threads`` is always the remote's (0)."""
+    entry = entry or RemoteEntry(loaded=False)
+    return ResolvedOptions(backend=entry.llamacpp_backend or f"{spec.api} remote",
+                           ctx_size=entry.ctx_size or 0, threads=0,
+                           extra_args=entry.llamacpp_args or (),
+                           model_path=f"{spec.url} ({spec.remote_model})")
+
+
+def options_differ(entry: RemoteEntry | None, wanted: LoadOptions) -> dict[str, tuple[Any, Any]]:
+    """``{option: (reported, wanted)}`` for each option ``wanted`` sets that the remote reports
+    otherwise (what an auto-load that uses the model as it is tells the caller)."""
+    if entry is None or not entry.loaded:
+        return {}
+    reported = {"ctx_size": entry.ctx_size, "extra_args": entry.llamacpp_args,
+                "backend": entry.llamacpp_backend}
+    return {k: (v, getattr(wanted, k)) for k, v in reported.items()
+            if getattr(wanted, k) is not None and getattr(wanted, k) != v}
 
 
 def remote_action(entry: RemoteEntry | None, wanted: LoadOptions) -> Literal["noop", "load", "reload"]:

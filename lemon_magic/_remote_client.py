@@ -20,6 +20,7 @@ from lemon_magic._remote import (
     RemoteEntry,
     RemoteLoad,
     RemoteSpec,
+    check_remote_options,
     entry_from_health,
     entry_from_models,
     lemonade_load_body,
@@ -157,6 +158,12 @@ class RemoteClient:
         await self._http.aclose()
 
     @property
+    def http(self) -> httpx.AsyncClient:
+        """The connection pool, shared by inference requests to this remote (each sets its own
+        timeouts)."""
+        return self._http
+
+    @property
     def base_url(self) -> str:
         """The OpenAI base URL for inference (send ``spec.remote_model`` as ``model``)."""
         return self.spec.base_url
@@ -289,12 +296,7 @@ class RemoteClient:
         :raises InvalidOptions: one line naming the options the remote cannot apply.
         :raises ModelNotFound: the server does not list the model (the message lists what it does).
         """
-        given = [name for name in ("ctx_size", "threads", "extra_args", "chat_template", "backend")
-                 if getattr(options, name) is not None]
-        if given:
-            raise InvalidOptions(f"{self.spec.url} is an openai remote with no load control: it "
-                                 f"cannot apply {', '.join(given)} (set them on the server itself)",
-                                 model=self.spec.remote_model)
+        check_remote_options(self.spec, options)
         listing = await self._listing()
         entry = entry_from_models(listing, self.spec.remote_model)
         if not entry.listed:

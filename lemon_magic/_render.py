@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult
 
@@ -32,6 +32,8 @@ def _html(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _options(s: ModelStatus) -> str:
+    if s.remote is not None:
+        return _remote_options(s.remote.options)
     if s.options is None:
         return ""
     parts = [f"ctx {s.options.ctx_size}", f"threads {s.options.threads}"]
@@ -40,6 +42,23 @@ def _options(s: ModelStatus) -> str:
     if s.options.extra_args:
         parts.append(" ".join(s.options.extra_args))
     return ", ".join(parts)
+
+
+def _remote_options(reported: Mapping[str, Any]) -> str:
+    """A remote's report as the options column shows it (``ctx 16384, cpu, --flash-attn on``)."""
+    parts = [f"ctx {reported['ctx_size']}"] if reported.get("ctx_size") else []
+    parts += [str(reported[k]) for k in ("llamacpp_backend", "llamacpp_args") if reported.get(k)]
+    return ", ".join(parts)
+
+
+def _state(s: ModelStatus) -> str:
+    if s.download:
+        return s.download
+    state = str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s)
+    if s.remote is not None:
+        said = f", it says {s.remote.status}" if s.remote.status else ""
+        state += f" ({s.remote.url}{said})"
+    return state
 
 
 def duration(seconds: float) -> str:
@@ -71,8 +90,7 @@ class StatusTable:
         self.serving = serving
 
     def rows(self) -> list[list[str]]:
-        return [[s.name, s.download or str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s),
-                 s.backend or "",
+        return [[s.name, _state(s), s.backend or "",
                  str(s.pid or ""), _options(s), f"{s.rss / 2**20:.0f} MiB" if s.rss else "",
                  f"{s.load_seconds:.2f} s" if s.load_seconds else "",
                  (s.last_error or "").splitlines()[0] if s.last_error else ""]
@@ -135,13 +153,27 @@ def seconds(s: float) -> str:
 def describe_load(r: LoadResult) -> str:
     """One line for what a load did, as ``%lemon_load`` prints it."""
     if r.action == "noop":
-        return f"already loaded with these options (no-op, {seconds(r.seconds)})"
+        where = f" on {r.remote}" if r.remote else ""
+        return f"already loaded with these options{where} (no-op, {seconds(r.seconds)})"
+    if r.remote is not None:
+        return _describe_remote_load(r)
     where = f"{r.backend}, pid {r.pid}, ctx {r.options.ctx_size}"
     joined = "; joined a load already in flight" if r.joined else ""
     if r.action == "reloaded" and r.previous_options is not None:
         return (f"reloaded {r.model}: {r.previous_options.describe_diff(r.options)} "
                 f"({seconds(r.seconds)}; {where}{joined})")
     return f"loaded {r.model} in {seconds(r.seconds)} ({where}{joined})"
+
+
+def _describe_remote_load(r: LoadResult) -> str:
+    """``loaded big on http://gpu-box:13305 in 3.2 s (lemonade remote, pid 4242, ctx 16384)``."""
+    parts = [r.backend] + ([f"pid {r.pid}"] if r.pid else [])
+    parts += [f"ctx {r.options.ctx_size}"] if r.options.ctx_size else []
+    joined = "; joined a load already in flight" if r.joined else ""
+    if r.backend.startswith("openai"):
+        return (f"{r.model} is served by {r.remote} (listed there; an openai remote loads it "
+                f"itself) — checked in {seconds(r.seconds)}{joined}")
+    return f"{r.action} {r.model} on {r.remote} in {seconds(r.seconds)} ({', '.join(parts)}{joined})"
 
 
 def load_note(r: LoadResult) -> str | None:
@@ -151,5 +183,7 @@ def load_note(r: LoadResult) -> str | None:
         return (f"note: {r.model} is loaded with {diff}; using it as it is "
                 f"(%lemon_load to reload)")
     if r.action == "loaded":
+        if r.remote is not None:
+            return f"auto-loaded {r.model} on {r.remote} in {seconds(r.seconds)}"
         return f"auto-loaded {r.model} in {seconds(r.seconds)} ({r.backend}, pid {r.pid})"
     return None

@@ -6,7 +6,8 @@ the loop for the async API and for non-streamed facade calls, in the caller's
 own thread for a streamed facade call (tokens go straight from the backend's
 socket to the reader). Both faces share everything but the socket calls:
 
-* :class:`Lease`: what was admitted, and whether it ended (ending is idempotent);
+* :class:`Lease`: what was admitted, where it goes (:class:`Endpoint`: a local
+  backend or a remote server), and whether it ended (ending is idempotent);
 * :class:`ResponseReader`: status check, SSE parsing, ``[DONE]``, accumulation;
 * :func:`translate`: the one place where httpx, JSON and timeout errors become
   :class:`~lemon_magic.errors.LemonError` (``MAPPINGS`` lists them).
@@ -17,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,16 +27,19 @@ import httpx
 
 from lemon_magic._inference import DONE, Accumulator, check_payload, http_error, parse_sse_line
 from lemon_magic._records import Chunk, Completion, LoadResult
+from lemon_magic._remote import RemoteSpec
+from lemon_magic._remote_client import remote_error
 from lemon_magic.backends._process import BackendProcess
 from lemon_magic.errors import BackendCrashed, InferenceError, LemonError, LoadCancelled, RequestTimeout
 from lemon_magic.options import LoadOptions
 
 if TYPE_CHECKING:
+    from lemon_magic._remote_slot import RemoteSlot
     from lemon_magic._slot import Slot
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("MAPPINGS", "TRANSLATED", "Event", "Lease", "ResponseReader", "StreamCut", "admit", "end_lease",
-           "events", "failure", "failure_blocking", "request", "stream", "timeouts", "translate")
+__all__ = ("MAPPINGS", "TRANSLATED", "Endpoint", "Event", "Lease", "ResponseReader", "StreamCut", "admit",
+           "end_lease", "events", "failure", "failure_blocking", "request", "stream", "timeouts", "translate")
 
 
 class StreamCut(Exception):
@@ -58,21 +62,51 @@ MAPPINGS: tuple[tuple[str, str], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an admitted request goes: a local backend process, or a remote server."""
+
+    client: httpx.AsyncClient
+    #: the OpenAI base URL (``http://127.0.0.1:PORT/v1``, a remote's ``.../api/v1`` or ``.../v1``)
+    base: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: the ``model`` the request sends (a remote's own name; ``None``: as the caller gave it)
+    model: str | None = None
+    process: BackendProcess | None = None
+    remote: RemoteSpec | None = None
+
+    @classmethod
+    def local(cls, process: BackendProcess) -> Endpoint:
+        return cls(process.client, process.url + "/v1", process=process)
+
+    @classmethod
+    def of_remote(cls, r: RemoteSlot) -> Endpoint:
+        return cls(r.client.http, r.remote.base_url, r.remote.headers(), r.remote.remote_model,
+                   remote=r.remote)
+
+    def url(self, path: str) -> str:
+        """The URL of an OpenAI ``path`` (``/v1/chat/completions``) on this endpoint."""
+        return self.base + path.removeprefix("/v1")
+
+    def body(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload if self.model is None else {**payload, "model": self.model}
+
+
 @dataclass(eq=False)
 class Lease:
     """A request admitted for a caller, possibly on another thread.
 
     Loop-thread protocol (``AsyncRouter._admit`` / ``AsyncRouter._end_lease``):
-    ``_admit`` fills ``load`` and ``process`` once the model is ready and the
+    ``_admit`` fills ``load`` and ``endpoint`` once the model is ready and the
     request counted; ``_end_lease`` releases it exactly once, and if it runs
     before ``_admit`` finishes (Stop landed in between), ``_admit`` releases the
     model itself. Other threads only read ``load`` (for messages).
     """
 
     load: LoadResult | None = None
-    process: BackendProcess | None = None
+    endpoint: Endpoint | None = None
     #: the slot the request was counted on (released there, even if the name is re-registered)
-    slot: Slot | None = None
+    slot: Slot | RemoteSlot | None = None
     ended: bool = False
     #: the request completed normally (the model is not crash-looping)
     served: bool = False
@@ -170,32 +204,45 @@ def _may_mean_exit(exc: BaseException) -> bool:
 
 async def failure(exc: BaseException, lease: Lease, timeout: str = "") -> LemonError:
     """:func:`translate`, after waiting (≤ 1 s, on the loop) to see whether a broken
-    connection means the backend died."""
-    process = lease.process
-    assert lease.load is not None and process is not None
+    connection means the backend died (a remote's failures: :func:`_remote_failure`)."""
+    assert lease.load is not None and lease.endpoint is not None
+    process = lease.endpoint.process
+    if process is None:
+        return _remote_failure(exc, lease, timeout)
     if _may_mean_exit(exc):
         with anyio.move_on_after(1.0):
             await process.wait_exit()
-    return _translated(exc, lease, timeout)
+    return _translated(exc, lease, process, timeout)
 
 
 def failure_blocking(exc: BaseException, lease: Lease, timeout: str = "") -> LemonError:
     """:func:`failure` for a caller's own thread."""
-    process = lease.process
-    assert lease.load is not None and process is not None
+    assert lease.load is not None and lease.endpoint is not None
+    process = lease.endpoint.process
+    if process is None:
+        return _remote_failure(exc, lease, timeout)
     if _may_mean_exit(exc):
         deadline = time.monotonic() + 1.0
         while process.returncode is None and time.monotonic() < deadline:
             time.sleep(0.01)
-    return _translated(exc, lease, timeout)
+    return _translated(exc, lease, process, timeout)
 
 
-def _translated(exc: BaseException, lease: Lease, timeout: str) -> LemonError:
-    assert lease.load is not None and lease.process is not None
-    code = lease.process.returncode
-    tail = tuple(lease.process.log_tail()) if code is not None else ()
+def _translated(exc: BaseException, lease: Lease, process: BackendProcess, timeout: str) -> LemonError:
+    assert lease.load is not None
+    code = process.returncode
+    tail = tuple(process.log_tail()) if code is not None else ()
     return translate(exc, lease.load.model, returncode=code, log_tail=tail, timeout=timeout,
-                     stopped_on_purpose=lease.process.stopped_on_purpose)
+                     stopped_on_purpose=process.stopped_on_purpose)
+
+
+def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonError:
+    """A remote's transport failures go through the remote boundary (unreachable, TLS, cut
+    mid-way); what is about the answer itself (no ``[DONE]``, not JSON) through :func:`translate`."""
+    assert lease.load is not None and lease.endpoint is not None and lease.endpoint.remote
+    if isinstance(exc, (StreamCut, ValueError)) and not isinstance(exc, httpx.HTTPError):
+        return translate(exc, lease.load.model, timeout=timeout)
+    return remote_error(exc, lease.endpoint.remote, during="inference")
 
 
 async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | None,
@@ -203,8 +250,14 @@ async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | Non
     """Auto-load ``model`` (never reloading it) and count a request in flight on it, under
     the router's lock; loop thread only. Pair it with :func:`end_lease`."""
     load = await router.ensure_loaded(model, load_options, explicit=False, _acquire=True)
-    m = router._models[load.model]
-    lease.load, lease.process, lease.slot = load, m.process, m
+    if load.remote is not None:
+        r = router._remotes[load.model]
+        lease.load, lease.endpoint, lease.slot = load, Endpoint.of_remote(r), r
+        m: Slot | RemoteSlot = r
+    else:
+        m = router._models[load.model]
+        assert m.process is not None
+        lease.load, lease.endpoint, lease.slot = load, Endpoint.local(m.process), m
     if lease.ended:  # the caller gave up (Stop) while this was still loading
         m.release(served=False)
         raise LoadCancelled(f"the request for {model!r} was abandoned", model=model)
@@ -223,15 +276,15 @@ def end_lease(router: AsyncRouter, lease: Lease) -> None:
 
 @contextlib.asynccontextmanager
 async def _leased(router: AsyncRouter, model: str, load_options: LoadOptions | None,
-                  lease: Lease, limit_name: str) -> AsyncIterator[tuple[LoadResult, BackendProcess, float]]:
+                  lease: Lease, limit_name: str) -> AsyncIterator[tuple[LoadResult, Endpoint, float]]:
     """Admit a request, hand the exchange its backend and time limit, translate its failures
     at the boundary, and end the lease whatever happens (served only if the body completed)."""
     try:
         load = await admit(router, model, load_options, lease)
-        assert lease.process is not None
+        assert lease.endpoint is not None
         limit = float(getattr(router.config, limit_name))
         try:
-            yield load, lease.process, limit
+            yield load, lease.endpoint, limit
         except TRANSLATED as exc:
             raise await failure(exc, lease, f"{limit:g} s ({limit_name})") from exc
         lease.served = True
@@ -244,12 +297,12 @@ async def request(router: AsyncRouter, model: str, path: str, payload: dict[str,
     """The async face of a non-streamed request (on the router's loop), bounded as a whole."""
     check_payload(payload)
     async with _leased(router, model, load_options, lease or Lease(),
-                       "request_timeout") as (load, process, limit):
+                       "request_timeout") as (load, endpoint, limit):
         reader = ResponseReader(load.model, path, stream=False)
         with anyio.fail_after(limit):
-            response = await process.client.post(process.url + path,
-                                                 json={**payload, "stream": False},
-                                                 timeout=timeouts(limit))
+            response = await endpoint.client.post(endpoint.url(path),
+                                                  json=endpoint.body({**payload, "stream": False}),
+                                                  headers=endpoint.headers, timeout=timeouts(limit))
             reader.check_status(response.status_code, response.content)
             reader.feed_body(response.content)
     return reader.completion(load)
@@ -272,11 +325,12 @@ async def events(router: AsyncRouter, model: str, path: str, payload: dict[str, 
     are; :func:`stream` keeps the text). ``lease`` (if given) shows what was admitted."""
     check_payload(payload)
     async with _leased(router, model, load_options, lease or Lease(),
-                       "stream_idle_timeout") as (load, process, limit):
+                       "stream_idle_timeout") as (load, endpoint, limit):
         reader = ResponseReader(load.model, path, stream=True)
-        async with process.client.stream("POST", process.url + path,
-                                         json={**payload, "stream": True},
-                                         timeout=timeouts(limit)) as response:
+        async with endpoint.client.stream("POST", endpoint.url(path),
+                                          json=endpoint.body({**payload, "stream": True}),
+                                          headers=endpoint.headers,
+                                          timeout=timeouts(limit)) as response:
             if response.status_code != 200:
                 reader.check_status(response.status_code, await response.aread())
             async for line in response.aiter_lines():

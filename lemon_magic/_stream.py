@@ -76,10 +76,11 @@ class Stream(Iterator[str]):
             self._exit = contextlib.ExitStack()
             self._reader = _requests.ResponseReader(load.model, self._path, stream=True)
             try:
-                assert lease.process is not None
+                endpoint = lease.endpoint
+                assert endpoint is not None
                 self._response = self._exit.enter_context(router._http_client().stream(
-                    "POST", lease.process.url + self._path, json=self._payload,
-                    timeout=_requests.timeouts(config.stream_idle_timeout)))
+                    "POST", endpoint.url(self._path), json=endpoint.body(self._payload),
+                    headers=endpoint.headers, timeout=_requests.timeouts(config.stream_idle_timeout)))
                 if self._response.status_code != 200:
                     self._reader.check_status(self._response.status_code, self._response.read())
             except _requests.TRANSLATED as exc:

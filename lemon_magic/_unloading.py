@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from lemon_magic import _remoting
 from lemon_magic._policy import ModelState
 from lemon_magic._records import UnloadResult
 from lemon_magic._slot import Load
@@ -30,11 +31,15 @@ async def unload(router: AsyncRouter, model: str, reason: str, *, closing: bool 
     if router._closed and not closing:
         raise RouterClosed()
     name = model
+    if name in router._remotes and name not in router._models:
+        return await _remoting.unload(router, router._remotes[name], reason)
     if name not in router._models:
         try:
             name = (await router._spec(model)).name
         except LemonError:
             raise ModelNotLoaded(model) from None
+        if name in router._remotes:
+            return await _remoting.unload(router, router._remotes[name], reason)
     load: Load | None = None
     while True:
         async with router._lock:
@@ -77,11 +82,15 @@ async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
             pass
 
     # while closing, ensure_loaded refuses new loads, so this converges; repeat in case
-    # a load was starting while the first pass ran
+    # a load was starting while the first pass ran. Remote models are unloaded on their
+    # servers when asked to, never because this router closes (they are the server's).
+    remotes = [] if closing else [n for n, r in router._remotes.items()
+                                  if r.state is not _S.UNLOADED and n not in router._models]
     for _ in range(3 if closing else 1):
         async with anyio.create_task_group() as tg:
-            for name in list(router._models):
+            for name in [*router._models, *remotes]:
                 tg.start_soon(one, name)
+        remotes = []
         if not any(m.state in (_S.LOADING, _S.READY, _S.STOPPING) for m in router._models.values()):
             break
     return results

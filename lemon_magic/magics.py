@@ -323,7 +323,8 @@ class LemonMagics(CatalogMagics, Magics):
         for r in results:
             what = "cancelled the load of" if r.cancelled_load else "unloaded"
             pid = f" (pid {r.pid})" if r.pid else ""
-            print(f"{what} {r.model}{pid} in {seconds(r.seconds)}")
+            detail = f": {r.detail}" if r.detail else ""
+            print(f"{what} {r.model}{pid} in {seconds(r.seconds)}{detail}")
 
     # ----------------------------------------------------------------- read-only magics
 

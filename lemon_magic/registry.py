@@ -5,6 +5,9 @@
 * Users register their own names; registrations persist in
   ``<config_dir>/models.json``.
 * Any path to a ``.gguf`` file works as a model name as it is.
+* A registration may name a remote server instead of a file (``remote``: see
+  :mod:`lemon_magic._remote`); it never stores an API key, only the name of
+  the environment variable that holds it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from lemon_magic._gguf import GGUFInfo, read_gguf_info
 from lemon_magic._paths import cache_dir, config_dir
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelEntry
+from lemon_magic._remote import RemoteSpec, check_remote_options, parse_remote
 from lemon_magic.errors import InvalidModelFile, InvalidOptions, LemonError, ModelNotFound
 from lemon_magic.options import LoadOptions
 
@@ -44,11 +48,25 @@ class ModelSpec:
     description: str = ""
     #: the Hub checkpoint (``org/repo:VARIANT``) its file was pulled from, if it was
     checkpoint: str | None = None
+    #: a remote model: the server that serves it (``path`` is then unused)
+    remote: RemoteSpec | None = None
 
     @property
     def info(self) -> GGUFInfo:
-        """GGUF metadata of the file (validated, cached per size and mtime)."""
+        """GGUF metadata of the file (validated, cached per size and mtime).
+
+        :raises InvalidModelFile: the file is not GGUF, or the model is remote (no local file).
+        """
+        if self.remote is not None:
+            raise InvalidModelFile(self.remote.url, "serves this model: a remote model has no "
+                                   "local file", model=self.name)
         return read_gguf_info(self.path)
+
+    @property
+    def where(self) -> str:
+        """The file, or for a remote model ``url (api: remote model)``."""
+        r = self.remote
+        return f"{r.url} ({r.api}: {r.remote_model})" if r is not None else str(self.path)
 
 
 _assemble_lock = threading.Lock()
@@ -90,7 +108,9 @@ def embedded_model_path() -> Path:
 def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
     """A registration as read back from the JSON file; anything malformed is one clear error."""
     try:
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        remote = entry.get("remote") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not (isinstance(entry.get("path"), str)
+                                               or isinstance(remote, dict)):
             raise TypeError("it has no file path")
         kind = entry.get("kind", "llm")
         if kind not in MODEL_KINDS:
@@ -99,13 +119,20 @@ def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
         if not isinstance(defaults, dict):
             raise TypeError("its defaults are not a table")
         checkpoint = entry.get("checkpoint")
-        return ModelSpec(name, Path(entry["path"]), kind, LoadOptions.from_kwargs(defaults), "user",
+        return ModelSpec(name, Path(entry.get("path") or ""), kind,
+                         LoadOptions.from_kwargs(defaults), "user",
                          str(entry.get("description", "")),
-                         checkpoint if isinstance(checkpoint, str) else None)
+                         checkpoint if isinstance(checkpoint, str) else None,
+                         _remote_spec(remote) if isinstance(remote, dict) else None)
     except (TypeError, InvalidOptions) as exc:
         problem = exc.message if isinstance(exc, InvalidOptions) else str(exc)
         raise InvalidModelFile(str(registry), f"has a malformed entry for {name!r}: {problem} "
                                "(register it again or edit the file)", model=name) from None
+
+
+def _remote_spec(fields: dict[str, Any]) -> RemoteSpec:
+    return parse_remote(fields.get("url"), fields.get("remote_model"), fields.get("api", "lemonade"),
+                        fields.get("api_key_env"))
 
 
 def _size(path: Path) -> int | None:
@@ -131,6 +158,12 @@ def _check_name(name: object, *, pulled: bool = False) -> str:
         raise InvalidOptions(f"model name {name!r} must not contain spaces, slashes or control "
                              "characters")
     return name
+
+
+def _entry(kind: str, description: str, defaults: LoadOptions) -> dict[str, Any]:
+    return {"kind": kind, "description": description,
+            "defaults": {k: (list(v) if isinstance(v, tuple) else v)
+                         for k, v in vars(defaults).items() if v is not None}}
 
 
 class Registry:
@@ -195,6 +228,10 @@ class Registry:
                 out.append(ModelEntry(name, "user", "?", str(self.path), False, state,
                                       problem=exc.message))
                 continue
+            if spec.remote is not None:
+                out.append(ModelEntry(name, "remote", spec.kind, spec.where, True, state,
+                                      spec.description))
+                continue
             size = _size(spec.path)
             out.append(ModelEntry(name, spec.source, spec.kind, str(spec.path), size is not None,
                                   state, spec.description, checkpoint=spec.checkpoint, size=size))
@@ -214,6 +251,8 @@ class Registry:
         if not isinstance(name, str) or not name.strip():
             raise ModelNotFound(repr(name), self.names())
         spec = self.lookup(name)
+        if spec.remote is not None:
+            return spec
         if spec.source == "builtin":
             embedded_model_path()  # assembled once (253 MB): call from a worker thread
         _ = spec.info  # validates the file (cached)
@@ -246,12 +285,31 @@ class Registry:
         file = Path(path).expanduser()
         file = file.absolute() if checkpoint else file.resolve()
         read_gguf_info(file)
-        opts = LoadOptions.from_kwargs(defaults)
-        entry: dict[str, Any] = {"path": str(file), "kind": kind, "description": description,
-                                 "defaults": {k: (list(v) if isinstance(v, tuple) else v)
-                                              for k, v in vars(opts).items() if v is not None}}
+        entry = _entry(kind, description, LoadOptions.from_kwargs(defaults))
+        entry["path"] = str(file)
         if checkpoint:
             entry["checkpoint"] = checkpoint
+        return self._save(name, entry)
+
+    def register_remote(self, name: str, remote: RemoteSpec, *, kind: str = "llm",
+                        description: str = "", **defaults: Any) -> ModelSpec:
+        """Register ``name`` for a model another server serves; persists at once (the API key
+        is never stored: ``remote.api_key_env`` names the variable that holds it).
+
+        :raises InvalidOptions: a bad name or kind, or a default the remote cannot apply.
+        """
+        _check_name(name)
+        if name == DEFAULT_MODEL:
+            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
+        if kind not in MODEL_KINDS:
+            raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        opts = LoadOptions.from_kwargs(defaults)
+        check_remote_options(remote, opts)
+        entry = _entry(kind, description, opts)
+        entry["remote"] = {k: v for k, v in vars(remote).items() if v is not None}
+        return self._save(name, entry)
+
+    def _save(self, name: str, entry: dict[str, Any]) -> ModelSpec:
         with self._lock:
             data = self._load_user()
             data[name] = entry

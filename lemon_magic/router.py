@@ -27,7 +27,17 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from lemon_magic import _capacity, _catalog, _idle, _introspect, _loading, _pulling, _requests, _unloading
+from lemon_magic import (
+    _capacity,
+    _catalog,
+    _idle,
+    _introspect,
+    _loading,
+    _pulling,
+    _remoting,
+    _requests,
+    _unloading,
+)
 from lemon_magic._policy import Decision, ModelState, decide
 from lemon_magic._records import (
     Chunk,
@@ -60,6 +70,7 @@ from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec, Registry
 
 if TYPE_CHECKING:
+    from lemon_magic._remote_slot import RemoteSlot
     from lemon_magic.server.serve import Serving, ServingInfo
 
 __all__ = ("AsyncRouter",)
@@ -82,6 +93,8 @@ class AsyncRouter:
         self.backends: dict[str, Backend] = dict(backends or default_backends())
         self._resolver = Resolver(self.registry, self.backends)
         self._models: dict[str, Slot] = {}
+        #: remote models (no process, no local slot: see ``_remoting``)
+        self._remotes: dict[str, RemoteSlot] = {}
         self._lock = anyio.Lock()
         self._subscribers: list[Callable[[RouterEvent], None]] = []
         self._tg: anyio.abc.TaskGroup | None = None
@@ -114,6 +127,7 @@ class AsyncRouter:
         with anyio.CancelScope(shield=True):
             await self.stop_serving()
             await self._unload_all(reason="the router is closing")
+            await _remoting.close_all(self)
 
     def configure(self, changes: Mapping[str, Any]) -> RouterConfig:
         """Replace fields of the config; they apply to every later decision, wait and request.
@@ -189,6 +203,20 @@ class AsyncRouter:
         return await _catalog.register(self, name, path, kind=kind, description=description,
                                        **defaults)
 
+    async def register_remote(self, name: str, url: str, remote_model: str, *,
+                              api: str = "lemonade", api_key_env: str | None = None,
+                              kind: str = "llm", description: str = "",
+                              **defaults: Any) -> ModelSpec:
+        """Register ``name`` for a model served by another server (persisted; the API key is
+        read from ``$api_key_env`` at each call, never stored). ``api``: ``"lemonade"`` (Lemonade
+        or ``lemon-magic serve``: declarative loads) or ``"openai"`` (no load control).
+
+        :raises LemonError: a bad name, URL, api or default option (nothing changes).
+        """
+        return await _catalog.register_remote(self, name, url, remote_model, api=api,
+                                              api_key_env=api_key_env, kind=kind,
+                                              description=description, **defaults)
+
     async def unregister(self, name: str) -> UnloadResult | None:
         """Forget a registration; a model loaded under that name is unloaded first.
 
@@ -200,7 +228,9 @@ class AsyncRouter:
         """Every model loadable by name (built-in, registered, and paths the router has run),
         with its state, and with ``all`` the catalogue's models not pulled yet; reads the
         registrations file, never a model file."""
-        entries = self.registry.entries({m.name: (m.spec, m.state) for m in self._models.values()})
+        known = {m.name: (m.spec, m.state) for m in self._models.values()}
+        known.update((r.name, (r.spec, r.state)) for r in self._remotes.values())
+        entries = self.registry.entries(known)
         return entries + _pulling.catalog_entries({e.name for e in entries}) if all else entries
 
     async def pull(self, model: str, *, name: str | None = None) -> PullResult:
@@ -237,6 +267,9 @@ class AsyncRouter:
         began = time.monotonic()
         requested = options or LoadOptions()
         spec = await _pulling.spec_or_pull(self, model)
+        if spec.remote is not None:
+            return await _remoting.ensure_loaded(self, spec, requested, explicit=explicit, pin=pin,
+                                                 acquire=_acquire)
         name = spec.name
         joined: Load | None = None
         started_here: Load | None = None
@@ -410,6 +443,8 @@ class AsyncRouter:
         :raises NotDownloaded: the load would pull the model first.
         """
         spec = await _pulling.spec_for_plan(self, model)
+        if spec.remote is not None:
+            return await _remoting.plan(self, spec, options or LoadOptions())
         return _introspect.plan(self, spec, self.resolve(spec, options or LoadOptions()))
 
     def status(self) -> list[ModelStatus]:
@@ -423,6 +458,8 @@ class AsyncRouter:
         """
         m = self._models.get(model)
         if m is None:
+            if model in self._remotes:  # no local log: what happened to it here
+                return list(self._remotes[model].notes)[-n:]
             raise ModelNotLoaded(model)
         return m.log_tail(n)
 

@@ -209,8 +209,22 @@ class Router:
         return self._call(self._async.register, name, path, kind=kind, description=description,
                           **defaults)
 
+    def register_remote(self, name: str, url: str, remote_model: str, *, api: str = "lemonade",
+                        api_key_env: str | None = None, kind: str = "llm", description: str = "",
+                        **defaults: Any) -> ModelSpec:
+        """Give a model served by another server a name (kept across sessions): ``api`` is
+        ``"lemonade"`` (Lemonade Server or ``lemon-magic serve``: loads are declarative, against
+        the remote's own ``/health``) or ``"openai"`` (any OpenAI-compatible server: no load
+        control). The API key is read from ``$api_key_env`` at each call, never stored.
+
+        :raises LemonError: a bad name, URL, api or default option (nothing changes).
+        """
+        return self._call(self._async.register_remote, name, url, remote_model, api=api,
+                          api_key_env=api_key_env, kind=kind, description=description, **defaults)
+
     def unregister(self, name: str) -> UnloadResult | None:
-        """Forget a registration (unloading the model first if it is loaded)."""
+        """Forget a registration (unloading the model first if it is loaded here; a remote
+        model stays loaded on its server)."""
         return self._call(self._async.unregister, name)
 
     def models(self, *, all: bool = False) -> list[ModelEntry]:

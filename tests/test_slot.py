@@ -32,6 +32,7 @@ def _fields_for(state: ModelState) -> dict[str, Any]:
         ModelState.STOPPING: {"process": _Proc(), "options": OPTS, "load": None},
         ModelState.CRASHED: {"process": None, "options": OPTS, "load": None},
         ModelState.FAILED: {"process": None, "options": None, "load": None},
+        ModelState.UNREACHABLE: {"process": None, "options": None, "load": None},  # remote only
     }[state]
 
 

@@ -1,0 +1,324 @@
+"""Remote models under the load contract: ensure_loaded, unload, plan, and the health poll.
+
+Declarative against the remote's truth (lemonade-sdk/lemonade#1603, across
+machines): an explicit load of a lemonade remote first asks the remote's
+``/health`` what it has loaded *now* (another client may have reloaded or
+unloaded it), then does nothing, loads or reloads through the remote's own
+declarative ``/load``; never from a belief cached here. An auto-load (by
+inference) uses a ready model as it is and only loads one that the remote does
+not have loaded. An openai remote has no load control: its "load" checks that
+the server lists the model and refuses load options (never a silent ignore).
+
+Single flight per model: one :class:`~lemon_magic._remote_slot.RemoteFlight` at
+a time; callers that want the same thing join it (N cells or threads, one
+remote ``/load``); an explicit load that wants other options waits for it, then
+decides again. Flights run in the router's task group, so a caller's Stop only
+ends its own wait. All of this runs on the router's loop; decisions between two
+awaits are atomic there, and remote models never touch the router's lock, its
+slots or its memory budget: local loads never wait for a remote, nor evict one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+
+from lemon_magic._policy import ModelState
+from lemon_magic._records import LoadResult, Plan, UnloadResult
+from lemon_magic._remote import RemoteEntry, check_remote_options, remote_action, reported_options
+from lemon_magic._remote_slot import RemoteFlight, RemoteSlot
+from lemon_magic.errors import (
+    LemonError,
+    LoadCancelled,
+    LoadError,
+    ModelNotLoaded,
+    RemoteUnreachable,
+    RouterClosed,
+    WaitTimeout,
+)
+from lemon_magic.options import LoadOptions, ResolvedOptions
+from lemon_magic.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from lemon_magic.router import AsyncRouter
+
+__all__ = ("close_all", "ensure_loaded", "forget", "plan", "remote_slot", "unload")
+
+_S = ModelState
+#: the states in which the health poll runs
+_POLLED = (_S.READY, _S.UNREACHABLE, _S.STOPPING, _S.LOADING)
+
+
+def remote_slot(router: AsyncRouter, spec: ModelSpec) -> RemoteSlot:
+    """The slot of a remote model (made on first use; made anew when its registration changed
+    and nothing is in flight on the old one)."""
+    r = router._remotes.get(spec.name)
+    if r is not None and (r.spec == spec or r.flight is not None or r.state is _S.STOPPING):
+        return r
+    if r is not None:
+        forget(router, r)
+    r = router._remotes[spec.name] = RemoteSlot(spec, router.config, router._emit)
+    return r
+
+
+def forget(router: AsyncRouter, r: RemoteSlot) -> None:
+    """Drop a remote model's slot (its registration went or changed): stop its poll, close its
+    client once our requests on it end (bounded). The remote's model is left as it is."""
+    if router._remotes.get(r.name) is r:
+        del router._remotes[r.name]
+    assert router._tg is not None
+
+    async def retire() -> None:
+        await r.drain(router.config.drain_timeout)
+        await r.aclose()
+
+    router._tg.start_soon(retire)
+
+
+async def close_all(router: AsyncRouter) -> None:
+    """The router closes: stop every poll and client (remote models stay as they are there)."""
+    with anyio.CancelScope(shield=True):
+        for r in list(router._remotes.values()):
+            if r.flight is not None:
+                r.flight.cancel_reason = "the router is closing"
+                r.flight.scope.cancel()
+            await r.aclose()
+
+
+def _wanted(r: RemoteSlot, requested: LoadOptions, explicit: bool) -> LoadOptions:
+    asked = requested if explicit else requested.merged_over(r.preferred)
+    return asked.merged_over(r.spec.defaults)
+
+
+async def _wait(router: AsyncRouter, r: RemoteSlot, event: anyio.Event, deadline: float) -> None:
+    with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
+        await event.wait()
+    if waited.cancelled_caught:
+        raise WaitTimeout(f"gave up waiting for {r.name!r} after "
+                          f"{router.config.load_wait_timeout:g} s (it is still {r.state})",
+                          model=r.name)
+
+
+async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOptions, *,
+                        explicit: bool, pin: bool | None, acquire: bool) -> LoadResult:
+    """``AsyncRouter.ensure_loaded`` for a remote model (see the module's docstring).
+
+    :raises InvalidOptions: an option the remote cannot apply (nothing is sent).
+    :raises LemonError: the remote's error (unreachable, 401, load failed…), one line.
+    """
+    began = time.monotonic()
+    deadline = began + router.config.load_wait_timeout
+    while True:
+        if router._closed:
+            raise RouterClosed()
+        r = remote_slot(router, spec)
+        wanted = _wanted(r, requested, explicit)
+        check_remote_options(r.remote, wanted)
+        f = r.flight
+        started: RemoteFlight | None = None
+        if f is None:
+            if not explicit and r.state is _S.READY:  # an auto-load uses it as it is
+                r.touch()
+                _apply_caller(r, requested, pin, explicit)
+                if acquire:
+                    r.admit()
+                return r.result("noop", began, wanted=wanted)
+            assert router._tg is not None
+            f = started = r.flight = RemoteFlight(wanted, explicit)
+            router._tg.start_soon(_fly, router, r, f)
+        elif explicit and not (f.explicit and f.wanted == wanted):
+            await _wait(router, r, f.done, deadline)  # another load in flight: then decide again
+            continue
+        await _wait(router, r, f.done, deadline)
+        if f.error is not None:
+            raise f.error
+        _apply_caller(r, requested, pin, explicit)
+        if acquire:
+            if r.state is not _S.READY:  # unloaded again meanwhile: decide again
+                continue
+            r.admit()
+        return r.result(f.action, began, joined=f is not started,
+                        wanted=None if explicit else wanted, previous=f.previous)
+
+
+def _apply_caller(r: RemoteSlot, requested: LoadOptions, pin: bool | None, explicit: bool) -> None:
+    if explicit:
+        r.preferred = requested
+    if pin is not None:
+        r.pinned = pin
+
+
+async def _fly(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
+    """The flight task: check and (if needed) load; its outcome is every joiner's."""
+    try:
+        with f.scope:
+            await _carry_out(router, r, f)
+        if f.scope.cancel_called and r.state is not _S.READY:
+            raise LoadCancelled(f"load of {r.name!r} was cancelled: "
+                                f"{f.cancel_reason or 'cancelled'}", model=r.name)
+    except LemonError as exc:
+        f.error = exc
+        r.last_error = exc
+        r.note(f"load failed: {exc.message.splitlines()[0]}")
+        if r.state is _S.LOADING:
+            cancelled = isinstance(exc, LoadCancelled)
+            r.set_state(_S.UNLOADED if cancelled else _S.FAILED, exc.message.splitlines()[0])
+        elif isinstance(exc, RemoteUnreachable) and r.state is _S.READY:
+            r.set_state(_S.UNREACHABLE, exc.message)
+    except BaseException:  # cancelled from outside: the router is closing
+        f.error = LoadCancelled(f"load of {r.name!r} was cancelled: the router is closing",
+                                model=r.name)
+        if r.state is _S.LOADING:
+            r.set_state(_S.UNLOADED, "the router is closing")
+        raise
+    finally:
+        r.flight = None
+        f.done.set()
+
+
+async def _carry_out(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
+    client, remote = r.client, r.remote
+    if remote.api == "openai":
+        entry = await client.check_loadable(f.wanted)
+        f.action = "noop" if r.state is _S.READY else "loaded"
+        detail = f"listed by {remote.url}"
+    else:
+        entry = await client.health()
+        r.saw(entry)
+        todo = remote_action(entry, f.wanted) if f.explicit else ("noop" if entry.loaded else "load")
+        detail = f"loaded on {remote.url}" + (f", pid {entry.pid}" if entry.pid else "")
+        if todo != "noop":
+            r.set_state(_S.LOADING, f"{todo} on {remote.url}")
+            done = await client.load(f.wanted, before=entry)
+            f.action = done.action
+            if done.action == "reloaded":
+                f.previous = reported_options(remote, entry)
+            r.load_seconds = done.seconds
+            entry = await client.health()  # its options as the remote reports them now
+            if not entry.loaded:
+                raise LoadError(f"remote {remote.url} answered the load of {remote.remote_model!r} "
+                                "but does not report it loaded", model=r.name)
+            detail = f"{done.action} on {remote.url}" + (f", pid {entry.pid}" if entry.pid else "")
+    r.saw(entry)
+    r.touch()
+    r.last_error = None
+    r.set_state(_S.READY, detail)
+    if r.poller is None:
+        assert router._tg is not None
+        r.poller = anyio.CancelScope()
+        router._tg.start_soon(_poll, router, r, r.poller)
+
+
+def _present(r: RemoteSlot, entry: RemoteEntry) -> bool:
+    """Whether the remote still serves the model (a lemonade remote: loaded; an openai remote:
+    listed, since it loads on demand)."""
+    return entry.loaded if r.remote.api == "lemonade" else entry.listed
+
+
+async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) -> None:
+    """While the model is ours, ask its server every ``remote_poll_interval`` s: no answer →
+    ``unreachable``; an answer again → ``ready``; no longer loaded there → ``unloaded``."""
+    try:
+        with scope:
+            while r.state in _POLLED:
+                interval = router.config.remote_poll_interval
+                await anyio.sleep(interval)
+                if r.flight is not None or r.state not in (_S.READY, _S.UNREACHABLE):
+                    continue  # a load or an unload speaks for the remote now
+                try:
+                    entry = await r.client.health(timeout=max(2.0, 2 * interval))
+                except LemonError as exc:
+                    if r.flight is None and r.state is _S.READY:
+                        r.last_error = exc
+                        r.set_state(_S.UNREACHABLE, exc.message.splitlines()[0])
+                    continue
+                if r.flight is not None or r.state not in (_S.READY, _S.UNREACHABLE):
+                    continue  # a decision came while we asked: it has the fresher word
+                r.saw(entry)
+                if not _present(r, entry):
+                    r.set_state(_S.UNLOADED, f"{r.remote.url} no longer has "
+                                             f"{r.remote.remote_model!r} loaded")
+                elif r.state is _S.UNREACHABLE:
+                    r.last_error = None
+                    r.set_state(_S.READY, f"{r.remote.url} answers again")
+    finally:
+        if r.poller is scope:
+            r.poller = None
+
+
+async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResult:
+    """Unload a remote model: a lemonade remote's ``/unload`` (after our requests on it end,
+    bounded by ``drain_timeout``); an openai remote is only let go here (it has no unload).
+    A load in flight is cancelled first (its waiters get :class:`LoadCancelled`).
+
+    :raises ModelNotLoaded: it is not loaded, loading or unreachable.
+    :raises RemoteError: the remote's unload failed (the state says what it believes now).
+    """
+    began = time.monotonic()
+    cancelled = False
+    while True:
+        f = r.flight
+        if f is not None:
+            f.cancel_reason = f"{reason} while loading"
+            f.scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await f.done.wait()
+            cancelled = True
+            continue
+        if r.state is _S.STOPPING:
+            await r.changed.wait()
+            continue
+        break
+    pid = r.entry.pid if r.entry else None
+    if r.state in (_S.UNLOADED, _S.FAILED) and not cancelled:
+        raise ModelNotLoaded(r.name)
+    if r.remote.api == "openai":
+        if r.state is not _S.UNLOADED and r.state is not _S.FAILED:
+            r.set_state(_S.UNLOADED, f"{reason}; {r.remote.url} keeps serving it")
+        return UnloadResult(r.name, None, time.monotonic() - began, cancelled_load=cancelled,
+                            detail=f"{r.remote.url} is an openai remote with no unload: it keeps "
+                                   "serving the model")
+    stopping = r.state in (_S.READY, _S.UNREACHABLE)
+    if stopping:
+        r.set_state(_S.STOPPING, reason)
+    with anyio.CancelScope(shield=True):
+        await r.drain(router.config.drain_timeout)
+        try:
+            had = await r.client.unload()
+        except LemonError as exc:
+            r.last_error = exc
+            if stopping:
+                r.set_state(_S.UNREACHABLE if isinstance(exc, RemoteUnreachable) else _S.READY,
+                            f"the unload failed: {exc.message.splitlines()[0]}")
+            raise
+    r.saw(RemoteEntry(loaded=False))
+    if stopping:
+        r.set_state(_S.UNLOADED, f"{reason} on {r.remote.url}")
+    detail = f"unloaded on {r.remote.url}" if had else f"{r.remote.url} did not have it loaded"
+    return UnloadResult(r.name, pid, time.monotonic() - began, cancelled_load=cancelled,
+                        detail=detail)
+
+
+async def plan(router: AsyncRouter, spec: ModelSpec, requested: LoadOptions) -> Plan:
+    """What an explicit load would do now, from the remote's own report (one ``/health``)."""
+    r = remote_slot(router, spec)
+    wanted = _wanted(r, requested, True)
+    check_remote_options(r.remote, wanted)
+    action: Literal["noop", "load", "reload"]
+    if r.remote.api == "openai":
+        entry = await r.client.check_loadable(wanted)
+        action = "noop" if r.state is _S.READY else "load"
+    else:
+        entry = await r.client.health()
+        r.saw(entry)
+        action = remote_action(entry, wanted)
+    current = reported_options(r.remote, entry) if _present(r, entry) else None
+    base = current or reported_options(r.remote, None)
+    target = ResolvedOptions(
+        backend=wanted.backend or base.backend, ctx_size=wanted.ctx_size or base.ctx_size, threads=0,
+        extra_args=wanted.extra_args if wanted.extra_args is not None else base.extra_args,
+        model_path=base.model_path)
+    return Plan(r.name, "wait" if r.flight is not None else action, target, current,
+                current.diff(target) if current else {}, r.load_seconds, None, r.state)
