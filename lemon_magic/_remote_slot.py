@@ -88,6 +88,9 @@ class RemoteSlot:
         self.notes: collections.deque[str] = collections.deque(maxlen=50)
         #: the health poll's cancel scope while it runs
         self.poller: anyio.CancelScope | None = None
+        #: we loaded it and did not unload it: the poll follows it even while its server
+        #: reports it unloaded (a third party's reload or unload)
+        self.following = False
 
     # ----------------------------------------------------------------- state
 

@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 __all__ = ("close_all", "ensure_loaded", "forget", "plan", "remote_slot", "unload")
 
 _S = ModelState
-#: the states in which the health poll runs
-_POLLED = (_S.READY, _S.UNREACHABLE, _S.STOPPING, _S.LOADING)
 
 
 def remote_slot(router: AsyncRouter, spec: ModelSpec) -> RemoteSlot:
@@ -204,6 +202,7 @@ async def _carry_out(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> Non
     r.saw(entry)
     r.touch()
     r.last_error = None
+    r.following = True
     r.set_state(_S.READY, detail)
     if r.poller is None:
         assert router._tg is not None
@@ -218,14 +217,17 @@ def _present(r: RemoteSlot, entry: RemoteEntry) -> bool:
 
 
 async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) -> None:
-    """While the model is ours, ask its server every ``remote_poll_interval`` s: no answer →
-    ``unreachable``; an answer again → ``ready``; no longer loaded there → ``unloaded``."""
+    """While we follow the model (from our load to our unload), ask its server every
+    ``remote_poll_interval`` s: no answer → ``unreachable``; an answer again → ``ready``; not
+    loaded there → ``unloaded`` (a third party unloaded it, or is reloading it), and ``ready``
+    again once it is back. The remote's report (pid, options) is kept fresh for ``status()``."""
+    watched = (_S.READY, _S.UNREACHABLE, _S.UNLOADED)
     try:
         with scope:
-            while r.state in _POLLED:
+            while r.following:
                 interval = router.config.remote_poll_interval
                 await anyio.sleep(interval)
-                if r.flight is not None or r.state not in (_S.READY, _S.UNREACHABLE):
+                if r.flight is not None or r.state not in watched:
                     continue  # a load or an unload speaks for the remote now
                 try:
                     entry = await r.client.health(timeout=max(2.0, 2 * interval))
@@ -234,15 +236,16 @@ async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) ->
                         r.last_error = exc
                         r.set_state(_S.UNREACHABLE, exc.message.splitlines()[0])
                     continue
-                if r.flight is not None or r.state not in (_S.READY, _S.UNREACHABLE):
+                if r.flight is not None or r.state not in watched or not r.following:
                     continue  # a decision came while we asked: it has the fresher word
                 r.saw(entry)
                 if not _present(r, entry):
-                    r.set_state(_S.UNLOADED, f"{r.remote.url} no longer has "
-                                             f"{r.remote.remote_model!r} loaded")
-                elif r.state is _S.UNREACHABLE:
+                    r.set_state(_S.UNLOADED, f"{r.remote.url} does not have "
+                                             f"{r.remote.remote_model!r} loaded now")
+                elif r.state is not _S.READY:
                     r.last_error = None
-                    r.set_state(_S.READY, f"{r.remote.url} answers again")
+                    r.set_state(_S.READY, f"{r.remote.url} answers again"
+                                if r.state is _S.UNREACHABLE else f"loaded again on {r.remote.url}")
     finally:
         if r.poller is scope:
             r.poller = None
@@ -272,6 +275,7 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
             continue
         break
     pid = r.entry.pid if r.entry else None
+    following, r.following = r.following, False  # what the remote does with it is not ours now
     if r.state in (_S.UNLOADED, _S.FAILED) and not cancelled:
         raise ModelNotLoaded(r.name)
     if r.remote.api == "openai":
@@ -289,6 +293,7 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
             had = await r.client.unload()
         except LemonError as exc:
             r.last_error = exc
+            r.following = following
             if stopping:
                 r.set_state(_S.UNREACHABLE if isinstance(exc, RemoteUnreachable) else _S.READY,
                             f"the unload failed: {exc.message.splitlines()[0]}")

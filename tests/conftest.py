@@ -19,14 +19,27 @@ BACKEND_MARKERS = ("llama-server", "llama_cpp.server", "fake_server.py")
 
 
 def _our_backends() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
+    """Backends this process's routers started (not a server a test runs as a remote, nor its
+    backends: ``lemon_magic serve``, llama-server's router mode; their fixtures stop them)."""
+    out, servers = [], set()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
         try:
-            if any(m in " ".join(child.cmdline()) for m in BACKEND_MARKERS):
-                out.append(child)
+            line = " ".join(child.cmdline())
         except psutil.Error:
-            pass
-    return out
+            continue
+        if "lemon_magic serve" in line or "--models-dir" in line:
+            servers.add(child.pid)
+        elif any(m in line for m in BACKEND_MARKERS):
+            out.append(child)
+    return [p for p in out if not _under(p, servers)]
+
+
+def _under(p: psutil.Process, pids: set[int]) -> bool:
+    try:
+        return any(parent.pid in pids for parent in p.parents())
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)
