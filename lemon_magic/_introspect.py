@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Literal
 from lemon_magic import _capacity, _idle
 from lemon_magic._policy import Decision, ModelState, decide
 from lemon_magic._records import LoadResult, ModelStatus, Plan
+from lemon_magic.errors import ModelNotLoaded
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("plan", "status", "try_noop")
+__all__ = ("log_tail", "plan", "status", "try_noop")
 
 _ACTIONS: dict[Decision, Literal["noop", "load", "reload", "wait"]] = {
     Decision.USE: "noop", Decision.START: "load", Decision.RELOAD: "reload",
@@ -53,6 +54,19 @@ def status(router: AsyncRouter) -> list[ModelStatus]:
             router._pulls.download(m.name)))
     out += [r.status() for r in router._remotes.values()]
     return out + router._pulls.statuses({s.name for s in out})
+
+
+def log_tail(router: AsyncRouter, model: str, n: int) -> list[str]:
+    """``AsyncRouter.log_tail``: a backend's log, or for a remote model what happened to it here.
+
+    :raises ModelNotLoaded: the router has never run this model.
+    """
+    m = router._models.get(model)
+    if m is not None:
+        return m.log_tail(n)
+    if model in router._remotes:
+        return list(router._remotes[model].notes)[-n:]
+    raise ModelNotLoaded(model)
 
 
 def try_noop(router: AsyncRouter, model: str, options: LoadOptions) -> LoadResult | None:

@@ -61,7 +61,6 @@ from lemon_magic.errors import (
     InvalidOptions,
     LemonError,
     LoadError,
-    ModelNotLoaded,
     NotEnoughMemory,
     RouterClosed,
     WaitTimeout,
@@ -205,11 +204,8 @@ class AsyncRouter:
 
     async def register_remote(self, name: str, url: str, remote_model: str, *,
                               api: str = "lemonade", api_key_env: str | None = None,
-                              kind: str = "llm", description: str = "",
-                              **defaults: Any) -> ModelSpec:
-        """Register ``name`` for a model served by another server (persisted; the API key is
-        read from ``$api_key_env`` at each call, never stored). ``api``: ``"lemonade"`` (Lemonade
-        or ``lemon-magic serve``: declarative loads) or ``"openai"`` (no load control).
+                              kind: str = "llm", description: str = "", **defaults: Any) -> ModelSpec:
+        """Register ``name`` for a model another server serves (see ``Router.register_remote``).
 
         :raises LemonError: a bad name, URL, api or default option (nothing changes).
         """
@@ -218,7 +214,7 @@ class AsyncRouter:
                                               description=description, **defaults)
 
     async def unregister(self, name: str) -> UnloadResult | None:
-        """Forget a registration; a model loaded under that name is unloaded first.
+        """Forget a registration; a model loaded here under that name is unloaded first.
 
         :raises ModelNotFound: ``name`` is not a user registration.
         """
@@ -456,12 +452,7 @@ class AsyncRouter:
 
         :raises ModelNotLoaded: the router has never run this model.
         """
-        m = self._models.get(model)
-        if m is None:
-            if model in self._remotes:  # no local log: what happened to it here
-                return list(self._remotes[model].notes)[-n:]
-            raise ModelNotLoaded(model)
-        return m.log_tail(n)
+        return _introspect.log_tail(self, model, n)
 
     def _try_noop(self, model: str, options: LoadOptions) -> LoadResult | None:
         """The no-op fast path; loop thread only (see :func:`_introspect.try_noop`)."""
