@@ -12,8 +12,8 @@ from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult
 if TYPE_CHECKING:
     from lemon_magic.server.serve import ServingInfo
 
-__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "seconds",
-           "serving_line")
+__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "remote_options",
+           "seconds", "serving_line")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -33,7 +33,7 @@ def _html(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _options(s: ModelStatus) -> str:
     if s.remote is not None:
-        return _remote_options(s.remote.options)
+        return remote_options(s.remote.options)
     if s.options is None:
         return ""
     parts = [f"ctx {s.options.ctx_size}", f"threads {s.options.threads}"]
@@ -44,7 +44,7 @@ def _options(s: ModelStatus) -> str:
     return ", ".join(parts)
 
 
-def _remote_options(reported: Mapping[str, Any]) -> str:
+def remote_options(reported: Mapping[str, Any]) -> str:
     """A remote's report as the options column shows it (``ctx 16384, cpu, --flash-attn on``)."""
     parts = [f"ctx {reported['ctx_size']}"] if reported.get("ctx_size") else []
     parts += [str(reported[k]) for k in ("llamacpp_backend", "llamacpp_args") if reported.get(k)]

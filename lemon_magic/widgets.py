@@ -35,7 +35,7 @@ from lemon_magic._panel_updater import UPDATER as _UPDATER
 from lemon_magic._panel_updater import WRITER as _WRITER
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelStatus, Plan, RouterEvent
-from lemon_magic._render import duration
+from lemon_magic._render import duration, remote_options
 from lemon_magic.errors import LemonError, NotDownloaded, RouterClosed
 from lemon_magic.runtime import Router, get_router
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _CHIP_COLOURS = {"unloaded": "#9e9e9e", "loading": "#1e88e5", "ready": "#43a047",
                  "generating": "#8e24aa", "stopping": "#fb8c00", "crashed": "#e53935",
-                 "error": "#e53935", "downloading": "#00897b"}
+                 "error": "#e53935", "downloading": "#00897b", "unreachable": "#f4511e"}
 _AUTO = "auto"
 
 
@@ -112,6 +112,10 @@ class _Row:
         options = (f"ctx {opts.ctx_size}, threads {opts.threads}"
                    + (f", {' '.join(opts.extra_args)}" if opts.extra_args else "")) if opts else ""
         port = s.url.rsplit(":", 1)[1] if s.url else ""
+        where = f"pid {s.pid}:{port}" if s.pid else ""
+        if s.remote is not None:  # the remote's own report; no local process or memory
+            options = remote_options(s.remote.options)
+            where = f"on {s.remote.url}" + (f", pid {s.pid}" if s.pid else "")
         when = {"ready": f"up {_ago(s.since, now)}", "generating": f"up {_ago(s.since, now)}",
                 "loading": f"loading for {_ago(s.since, now)}"}.get(state, "")
         idle = ("" if s.idle_unload_at is None
@@ -121,7 +125,7 @@ class _Row:
         cells = [f"<b>{html.escape(s.name)}</b>",
                  f"<span style='background:{colour};color:white;border-radius:8px;"
                  f"padding:1px 8px'>{state}</span>",
-                 html.escape(s.backend or ""), f"pid {s.pid}:{port}" if s.pid else "",
+                 html.escape(s.backend or ""), html.escape(where),
                  f"{s.rss / 2**20:.0f} MiB" if s.rss else "", html.escape(options), when, idle,
                  f"last load {s.load_seconds:.2f} s" if s.load_seconds else ""]
         self.summary.value = " &nbsp; ".join(c for c in cells if c)

@@ -472,3 +472,31 @@ class slow_lemonade:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ------------------------------------------------------------------ the panel
+
+
+def test_panel_row_and_warning_for_a_remote_model(lemon: Proc, rr: Router) -> None:
+    from lemon_magic.widgets import LemonPanel, chip
+
+    _unload_remote(lemon)
+    rr.register_remote("big", lemon.url, "tiny")
+    rr.load("big", ctx_size=256)
+    panel = LemonPanel(rr)
+    try:
+        panel.wait_until(lambda p: "big" in p._rows and chip(p._rows["big"].status) == "ready")
+        summary = panel._rows["big"].summary.value
+        assert f"on {lemon.url}, pid {health(lemon).pid}" in summary
+        assert "lemonade remote" in summary and "ctx 256" in summary and "MiB" not in summary
+        if "big" not in panel.model.options:
+            panel.model.options = [*panel.model.options, "big"]
+        panel.model.value = "big"
+        panel.ctx_size.value = "512"
+        panel.wait_idle()
+        assert "will reload big: ctx_size 256 → 512" in panel.banner.value
+        panel.apply.click()
+        panel.wait_until(lambda p: not p._busy and p.last_result is not None)
+        assert panel.last_result.action == "reloaded" and health(lemon).ctx_size == 512
+    finally:
+        panel.close()
