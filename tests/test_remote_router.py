@@ -500,3 +500,27 @@ def test_panel_row_and_warning_for_a_remote_model(lemon: Proc, rr: Router) -> No
         assert panel.last_result.action == "reloaded" and health(lemon).ctx_size == 512
     finally:
         panel.close()
+
+
+# ------------------------------------------------------------------ served over HTTP
+
+
+def test_a_remote_model_served_over_http_by_name(lemon: Proc, rr: Router) -> None:
+    """Our own server in front of a remote model: one stable URL, the same contract."""
+    import openai
+
+    _unload_remote(lemon)
+    rr.register_remote("big", lemon.url, "tiny")
+    base = rr.serve(port=free_port())
+    with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+        first = http.post("/load", json={"model_name": "big", "ctx_size": 256})
+        assert first.status_code == 200, first.text
+        assert http.post("/load", json={"model_name": "big", "ctx_size": 256}).json()["action"] == "noop"
+        loaded = http.get("/health").json()["all_models_loaded"]
+        assert [m["model_name"] for m in loaded] == ["big"]
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    done = client.completions.create(model="big", prompt="once", max_tokens=3)
+    assert done.model == "big" and done.choices[0].text is not None
+    chunks = list(client.chat.completions.create(model="big", max_tokens=3, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert chunks and health(lemon).ctx_size == 256
