@@ -27,6 +27,7 @@ from typing import Literal
 
 import anyio
 
+from lemon_magic._inflight import InFlight
 from lemon_magic._policy import REMOTE_TRANSITIONS, ModelState
 from lemon_magic._records import LoadResult, ModelStatus, RemoteView, RouterConfig, RouterEvent
 from lemon_magic._remote import RemoteEntry, options_differ, reported_options
@@ -56,12 +57,13 @@ class RemoteFlight:
     cancel_reason: str | None = None
 
 
-class RemoteSlot:
+class RemoteSlot(InFlight):
     """The one owner of a remote model's client, state and last report (router's loop only)."""
 
     def __init__(self, spec: ModelSpec, config: RouterConfig,
                  emit: Callable[[RouterEvent], None]) -> None:
         assert spec.remote is not None
+        super().__init__()
         self.name = spec.name
         self.spec = spec
         self.remote = spec.remote
@@ -78,10 +80,6 @@ class RemoteSlot:
         #: options of the last explicit load: what an auto-load asks for
         self.preferred = LoadOptions()
         self.pinned = False  # kept for the API's sake: a remote model is never evicted here
-        self.busy = 0
-        self.idle = anyio.Event()
-        self.last_used = 0.0
-        self.last_used_wall: float | None = None
         self.load_seconds: float | None = None
         self.last_error: LemonError | None = None
         #: what happened to it, newest last (``log_tail``: a remote model has no local log)
@@ -117,37 +115,7 @@ class RemoteSlot:
         """Keep the remote's latest report."""
         self.entry, self.checked_at = entry, time.time()
 
-    def touch(self) -> None:
-        self.last_used = time.monotonic()
-        self.last_used_wall = time.time()
-
-    # ----------------------------------------------------------------- requests in flight
-
-    def admit(self) -> None:
-        """Count a request in flight (with the decision to use the model, no await between)."""
-        self.touch()
-        self.busy += 1
-        if self.busy == 1:
-            self._notify("generating")
-
-    def release(self, *, served: bool) -> None:
-        """A request ended (``served`` is unused: a remote model has no crash loop here)."""
-        self.busy -= 1
-        if self.busy < 0:
-            raise IllegalTransition(self.name, "busy 0", "busy -1 (a request released twice)")
-        self.touch()
-        if self.busy == 0:
-            self._notify("idle")
-            self.idle.set()
-            self.idle = anyio.Event()
-
-    async def drain(self, timeout: float) -> None:
-        """Wait, at most ``timeout`` seconds, until no request of ours is in flight."""
-        with anyio.move_on_after(timeout):
-            while self.busy:
-                await self.idle.wait()
-
-    def _notify(self, detail: str) -> None:
+    def notify(self, detail: str) -> None:
         self._emit(RouterEvent(self.name, self.state, self.state, time.time(), 0.0, detail,
                                self.entry.pid if self.entry else None))
 

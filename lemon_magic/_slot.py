@@ -29,6 +29,7 @@ from typing import Literal
 import anyio
 import anyio.abc
 
+from lemon_magic._inflight import InFlight
 from lemon_magic._policy import TRANSITIONS, ModelState, restart_backoff
 from lemon_magic._records import RouterConfig, RouterEvent
 from lemon_magic.backends import Backend
@@ -69,11 +70,12 @@ class Load:
     seconds: float = 0.0
 
 
-class Slot:
+class Slot(InFlight):
     """The one owner of a model's process, options and state (used on the router's loop)."""
 
     def __init__(self, name: str, spec: ModelSpec, emit: Callable[[RouterEvent], None],
                  on_spawn: Callable[[], None] = lambda: None, owner: int = 0) -> None:
+        super().__init__()
         self.name = name
         self.spec = spec
         self._emit = emit
@@ -88,16 +90,11 @@ class Slot:
         self.load: Load | None = None
         self.load_seconds: float | None = None
         self.stop_seconds: float | None = None
-        #: requests in flight, and the event set (and replaced) when that drops to zero
-        self.busy = 0
-        self.idle = anyio.Event()
         #: failed starts and crashes since the last successful request or explicit load
         self.failures = 0
         #: monotonic time before which an auto-load does not restart it (crash-loop backoff)
         self.retry_at = 0.0
         self.pinned = False
-        self.last_used = 0.0  # monotonic: LRU and the idle timer
-        self.last_used_wall: float | None = None
         self.last_error: LemonError | None = None
         #: the options of the last explicit load: what an auto-load asks for
         self.preferred = LoadOptions()
@@ -133,10 +130,6 @@ class Slot:
         """An event without a transition (``old == new``): requests started or all finished."""
         self._emit(RouterEvent(self.name, self.state, self.state, time.time(), 0.0, detail,
                                self.process.pid if self.process else None))
-
-    def touch(self) -> None:
-        self.last_used = time.monotonic()
-        self.last_used_wall = time.time()
 
     # ----------------------------------------------------------------- the lifecycle
 
@@ -215,12 +208,6 @@ class Slot:
                 raise
         raise AssertionError("unreachable")
 
-    async def drain(self, timeout: float) -> None:
-        """Wait, at most ``timeout`` seconds, until no request is in flight."""
-        with anyio.move_on_after(timeout):
-            while self.busy:
-                await self.idle.wait()
-
     async def stop(self, grace: float, *, drain_timeout: float = 0.0) -> None:
         """End the model's process; the one way every path stops one. Idempotent, shielded:
 
@@ -276,25 +263,11 @@ class Slot:
 
     # ----------------------------------------------------------------- requests and failures
 
-    def admit(self) -> None:
-        """Count a request in flight (under the router's lock, with the decision to use it)."""
-        self.touch()
-        self.busy += 1
-        if self.busy == 1:
-            self.notify("generating")
-
     def release(self, *, served: bool) -> None:
-        """A request ended (``served``: it completed normally: not crash-looping)."""
+        """A request ended (``served``: it completed normally: the model is not crash-looping)."""
         if served:
             self.failures, self.retry_at = 0, 0.0
-        self.busy -= 1
-        if self.busy < 0:
-            raise IllegalTransition(self.name, "busy 0", "busy -1 (a request released twice)")
-        self.touch()  # the idle timer counts from the end of the last request
-        if self.busy == 0:
-            self.notify("idle")
-            self.idle.set()
-            self.idle = anyio.Event()
+        super().release(served=served)
 
     def count_failure(self) -> None:
         self.failures += 1
