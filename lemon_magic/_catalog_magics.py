@@ -14,6 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from lemon_magic import _render, errors
 from lemon_magic._magic_args import _interrupted, _no_abbrev, _parse
+from lemon_magic._policy import ModelState
 from lemon_magic._progress import PullBar
 from lemon_magic._render import describe_pull
 
@@ -136,7 +137,8 @@ class CatalogMagics:
 
     @_no_abbrev
     @magic_arguments()
-    @argument("name", help="the registered name to forget (a loaded model is unloaded first)")
+    @argument("name", help="the registered name to forget (a model loaded here is unloaded first; "
+                               "a remote model stays loaded on its server)")
     @line_magic
     def lemon_unregister(self, line: str) -> None:
         """Forget a registered name (its file stays on disk).
@@ -145,6 +147,10 @@ class CatalogMagics:
         unregistered tiny
         """
         args = _parse(self.lemon_unregister, line)
+        remote = next((s for s in self.router.status() if s.name == args.name and s.remote
+                       and s.state is ModelState.READY), None)
         unloaded = self.router.unregister(args.name)
-        print(f"unregistered {args.name}" + (f" (unloaded pid {unloaded.pid})" if unloaded and
-                                              unloaded.pid else ""))
+        note = f" (unloaded pid {unloaded.pid})" if unloaded and unloaded.pid else ""
+        if remote is not None and remote.remote is not None:
+            note = f" (it stays loaded on {remote.remote.url}: %lemon_unload it first to unload it there)"
+        print(f"unregistered {args.name}{note}")

@@ -20,6 +20,7 @@ States follow ``REMOTE_TRANSITIONS`` (``_policy``)::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,7 +113,10 @@ class RemoteSlot(InFlight):
         self.notes.append(f"{time.strftime('%H:%M:%S')} {text}")
 
     def saw(self, entry: RemoteEntry) -> None:
-        """Keep the remote's latest report."""
+        """Keep the remote's latest report (an ``in_use`` said while our own requests ran is
+        about them: kept as ``ready``, so the row does not say busy after they end)."""
+        if entry.status == "in_use" and self.busy:
+            entry = dataclasses.replace(entry, status="ready")
         self.entry, self.checked_at = entry, time.time()
 
     def notify(self, detail: str) -> None:

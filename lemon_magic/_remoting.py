@@ -282,8 +282,8 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
         if r.state is not _S.UNLOADED and r.state is not _S.FAILED:
             r.set_state(_S.UNLOADED, f"{reason}; {r.remote.url} keeps serving it")
         return UnloadResult(r.name, None, time.monotonic() - began, cancelled_load=cancelled,
-                            detail=f"{r.remote.url} is an openai remote with no unload: it keeps "
-                                   "serving the model")
+                            detail=f"{r.remote.url} keeps serving it (an openai remote has no "
+                                   "unload)")
     stopping = r.state in (_S.READY, _S.UNREACHABLE)
     if stopping:
         r.set_state(_S.STOPPING, reason)
@@ -301,7 +301,7 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
     r.saw(RemoteEntry(loaded=False))
     if stopping:
         r.set_state(_S.UNLOADED, f"{reason} on {r.remote.url}")
-    detail = f"unloaded on {r.remote.url}" if had else f"{r.remote.url} did not have it loaded"
+    detail = f"on {r.remote.url}" if had else f"{r.remote.url} did not have it loaded"
     return UnloadResult(r.name, pid, time.monotonic() - began, cancelled_load=cancelled,
                         detail=detail)
 

@@ -7,13 +7,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult
+from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult, UnloadResult
 
 if TYPE_CHECKING:
     from lemon_magic.server.serve import ServingInfo
 
-__all__ = ("ModelsTable", "StatusTable", "describe_load", "duration", "load_note", "remote_options",
-           "seconds", "serving_line")
+__all__ = ("ModelsTable", "StatusTable", "describe_load", "describe_unload", "duration", "load_note",
+           "remote_options", "seconds", "serving_line")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -47,7 +47,8 @@ def _options(s: ModelStatus) -> str:
 def remote_options(reported: Mapping[str, Any]) -> str:
     """A remote's report as the options column shows it (``ctx 16384, cpu, --flash-attn on``)."""
     parts = [f"ctx {reported['ctx_size']}"] if reported.get("ctx_size") else []
-    parts += [str(reported[k]) for k in ("llamacpp_backend", "llamacpp_args") if reported.get(k)]
+    parts += [f"device {reported['llamacpp_backend']}"] if reported.get("llamacpp_backend") else []
+    parts += [str(reported["llamacpp_args"])] if reported.get("llamacpp_args") else []
     return ", ".join(parts)
 
 
@@ -55,9 +56,9 @@ def _state(s: ModelStatus) -> str:
     if s.download:
         return s.download
     state = str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s)
-    if s.remote is not None:
-        said = f", it says {s.remote.status}" if s.remote.status else ""
-        state += f" ({s.remote.url}{said})"
+    if s.remote is not None:  # the remote's own word, when it says more than ready
+        said = s.remote.status not in (None, "ready", "loaded", str(s.state))
+        state += f" ({s.remote.url}{', it says ' + str(s.remote.status) if said else ''})"
     return state
 
 
@@ -163,6 +164,15 @@ def describe_load(r: LoadResult) -> str:
         return (f"reloaded {r.model}: {r.previous_options.describe_diff(r.options)} "
                 f"({seconds(r.seconds)}; {where}{joined})")
     return f"loaded {r.model} in {seconds(r.seconds)} ({where}{joined})"
+
+
+def describe_unload(r: UnloadResult) -> str:
+    """``unloaded big on http://gpu-box:13305 (pid 4242) in 0.3 s``, as ``%lemon_unload`` says it."""
+    what = "cancelled the load of" if r.cancelled_load else "unloaded"
+    where = f" {r.detail}" if r.detail.startswith("on ") else ""
+    more = f"; {r.detail}" if r.detail and not where else ""
+    pid = f" (pid {r.pid})" if r.pid else ""
+    return f"{what} {r.model}{where}{pid} in {seconds(r.seconds)}{more}"
 
 
 def _describe_remote_load(r: LoadResult) -> str:

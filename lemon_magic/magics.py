@@ -25,7 +25,7 @@ from lemon_magic._magic_args import Interrupted, _interrupted, _no_abbrev, _pars
 from lemon_magic._policy import ModelState
 from lemon_magic._progress import PullBar
 from lemon_magic._records import Completion
-from lemon_magic._render import describe_load, load_note, seconds
+from lemon_magic._render import describe_load, describe_unload, load_note
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import DEFAULT_MODEL
@@ -321,10 +321,7 @@ class LemonMagics(CatalogMagics, Magics):
         if not results:
             print("nothing was loaded")
         for r in results:
-            what = "cancelled the load of" if r.cancelled_load else "unloaded"
-            pid = f" (pid {r.pid})" if r.pid else ""
-            detail = f": {r.detail}" if r.detail else ""
-            print(f"{what} {r.model}{pid} in {seconds(r.seconds)}{detail}")
+            print(describe_unload(r))
 
     # ----------------------------------------------------------------- read-only magics
 

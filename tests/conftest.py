@@ -18,6 +18,13 @@ from tests.tinygguf import write_tiny_llama
 BACKEND_MARKERS = ("llama-server", "llama_cpp.server", "fake_server.py")
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Whatever test started the demo remote (tests/test_notebooks.py), it stops with the session."""
+    from tests.remotes import close_session_demo_remote
+
+    close_session_demo_remote()
+
+
 def _our_backends() -> list[psutil.Process]:
     """Backends this process's routers started (not a server a test runs as a remote, nor its
     backends: ``lemon_magic serve``, llama-server's router mode; their fixtures stop them)."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -130,6 +132,47 @@ def start_lemon_serve(root: Path, *, api_key: str | None = None, port: int | Non
     if api_key:
         argv += ["--api-key", api_key]
     return _start(argv, env, port, root / "serve.log", "/live")
+
+
+#: where notebooks/remote.ipynb finds its "GPU box"
+DEMO_REMOTE_ENV = "LEMON_MAGIC_DEMO_REMOTE"
+_demo: tuple[Proc, Path, str | None] | None = None
+
+
+def session_demo_remote() -> Proc:
+    """The session's demo "GPU box" for notebooks/remote.ipynb, started on first use: a
+    ``lemon-magic serve`` with config and state dirs of its own (it registers nothing, so it serves
+    the built-in ``gemma3-270m``; it never sees an API key), its URL in ``$LEMON_MAGIC_DEMO_REMOTE``
+    for the kernels started after this. ``close_session_demo_remote`` stops it."""
+    global _demo
+    if _demo is None:
+        root = Path(tempfile.mkdtemp(prefix="lemon-demo-remote-"))
+        try:
+            proc = start_lemon_serve(root)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        _demo = (proc, root, os.environ.get(DEMO_REMOTE_ENV))
+        os.environ[DEMO_REMOTE_ENV] = proc.url
+    return _demo[0]
+
+
+def close_session_demo_remote() -> None:
+    """Stop the demo remote by pid (SIGTERM, SIGKILL after a bound, then any backend of it still
+    alive) and put the environment back; idempotent."""
+    global _demo
+    if _demo is None:
+        return
+    proc, root, saved = _demo
+    _demo = None
+    if saved is None:
+        os.environ.pop(DEMO_REMOTE_ENV, None)
+    else:
+        os.environ[DEMO_REMOTE_ENV] = saved
+    try:
+        proc.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def llama_server_binary() -> Path:

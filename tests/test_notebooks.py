@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from tests.hubstub import session_demo_hub
+from tests.remotes import session_demo_remote
 
 pytestmark = pytest.mark.real
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -23,6 +24,7 @@ def _execute(nb: nbformat.NotebookNode, cwd: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_without_error_replies(path: Path, tmp_path: Path) -> None:
     session_demo_hub()  # models.ipynb pulls from it (HF_ENDPOINT); the kernel inherits the env
+    session_demo_remote()  # remote.ipynb's "GPU box" (LEMON_MAGIC_DEMO_REMOTE)
     nb = nbformat.read(path, as_version=4)
     _execute(nb, tmp_path)
     for cell in nb.cells:

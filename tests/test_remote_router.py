@@ -219,7 +219,7 @@ def test_unload_unload_all_and_close(lemon: Proc, make_router: Callable[..., Rou
     r.register_remote("big", lemon.url, "tiny")
     pid = r.load("big").pid
     done = r.unload("big")
-    assert done.pid == pid and "unloaded on" in done.detail
+    assert done.pid == pid and done.detail == f"on {lemon.url}"
     assert not health(lemon).loaded
     with pytest.raises(ModelNotLoaded):
         r.unload("big")
@@ -401,10 +401,14 @@ def test_magics_register_load_infer_status_unload(lemon: Proc, ip: Any,
     ip.run_cell_magic("lemon_infer", "-m big --max-tokens 3 --no-stream", "once")
     assert capsys.readouterr().out.strip()
     table = repr(ip.run_line_magic("lemon_status", ""))
-    assert "lemonade remote" in table and f"ready ({lemon.url}, it says " in table
+    assert "lemonade remote" in table and f"ready ({lemon.url}" in table
     ip.run_line_magic("lemon_unload", "big")
-    assert f"unloaded on {lemon.url}" in capsys.readouterr().out
+    assert f"unloaded big on {lemon.url} (pid " in capsys.readouterr().out
+    ip.run_line_magic("lemon_load", "big")
+    capsys.readouterr()
     ip.run_line_magic("lemon_unregister", "big")
+    assert f"unregistered big (it stays loaded on {lemon.url}" in capsys.readouterr().out
+    assert health(lemon).loaded
 
 
 @pytest.mark.parametrize(("line", "message"), [
