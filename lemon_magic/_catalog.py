@@ -28,7 +28,7 @@ async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str],
         name, path, kind=kind, description=description, **defaults))
     router._resolver.invalidate()
     if name in router._remotes:  # the name was a remote model's: let that go here
-        _remoting.forget(router, router._remotes[name])
+        _remoting.forget(router, router._remotes[name], "registered anew")
     return spec
 
 
@@ -41,6 +41,8 @@ async def register_remote(router: AsyncRouter, name: str, url: str, remote_model
     spec = await anyio.to_thread.run_sync(lambda: router.registry.register_remote(
         name, remote, kind=kind, description=description, **defaults))
     router._resolver.invalidate()
+    if name in router._remotes:  # another remote before: its slot (poll, belief) goes
+        _remoting.forget(router, router._remotes[name], "registered anew")
     local = router._models.get(name)
     if local is not None:
         try:
@@ -66,7 +68,7 @@ async def unregister(router: AsyncRouter, name: str) -> UnloadResult | None:
     await anyio.to_thread.run_sync(router.registry.unregister, name)
     router._resolver.invalidate()
     if name in router._remotes:  # the remote keeps its model; only our slot goes
-        _remoting.forget(router, router._remotes[name])
+        _remoting.forget(router, router._remotes[name], "unregistered")
     slot = router._models.get(name)
     # a request still counted on the old slot is released there (its lease holds the slot)
     if slot is not None and slot.state in (ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED):

@@ -44,7 +44,8 @@ TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
 }
 
 #: the transitions of a remote model (no process: it never crashes; its server may go away,
-#: and another client of that server may unload it: READY -> UNLOADED)
+#: another client of that server may unload it: READY -> UNLOADED, and it may refuse an
+#: unload: STOPPING -> READY)
 REMOTE_TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     ModelState.UNLOADED: frozenset({ModelState.LOADING, ModelState.READY}),
     ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED}),
@@ -52,7 +53,7 @@ REMOTE_TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
                                  ModelState.UNLOADED}),
     ModelState.UNREACHABLE: frozenset({ModelState.READY, ModelState.LOADING, ModelState.STOPPING,
                                        ModelState.UNLOADED}),
-    ModelState.STOPPING: frozenset({ModelState.UNLOADED, ModelState.UNREACHABLE}),
+    ModelState.STOPPING: frozenset({ModelState.UNLOADED, ModelState.UNREACHABLE, ModelState.READY}),
     ModelState.CRASHED: frozenset(),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.READY, ModelState.UNLOADED}),
 }

@@ -255,12 +255,18 @@ def _bare(name: object) -> str:
     return str(name).removeprefix("user.").removesuffix(":latest")
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def entry_from_health(raw: Mapping[str, Any], model: str) -> RemoteEntry:
     """``model``'s entry in a Lemonade ``/health`` answer (``loaded=False`` if it is not there)."""
-    for item in raw.get("all_models_loaded") or ():
+    listed = raw.get("all_models_loaded")
+    for item in listed if isinstance(listed, list) else ():
         if not isinstance(item, dict) or _bare(item.get("model_name")) != _bare(model):
             continue
-        opts = item.get("recipe_options") or {}
+        opts = item.get("recipe_options")
+        opts = opts if isinstance(opts, dict) else {}
         args = opts.get("llamacpp_args")
         try:
             split = tuple(shlex.split(args)) if isinstance(args, str) else \
@@ -271,8 +277,9 @@ def entry_from_health(raw: Mapping[str, Any], model: str) -> RemoteEntry:
         return RemoteEntry(
             loaded=True, listed=True, pid=pid if isinstance(pid, int) else None,
             ctx_size=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) else None,
-            llamacpp_args=split, llamacpp_backend=opts.get("llamacpp_backend") or None,
-            checkpoint=item.get("checkpoint"), status=item.get("status"), recipe_options=dict(opts))
+            llamacpp_args=split, llamacpp_backend=_text(opts.get("llamacpp_backend")),
+            checkpoint=_text(item.get("checkpoint")), status=_text(item.get("status")),
+            recipe_options=dict(opts))
     return RemoteEntry(loaded=False)
 
 

@@ -50,39 +50,56 @@ _S = ModelState
 
 
 def remote_slot(router: AsyncRouter, spec: ModelSpec) -> RemoteSlot:
-    """The slot of a remote model (made on first use; made anew when its registration changed
-    and nothing is in flight on the old one)."""
+    """The slot of a remote model (made on first use, and anew when its registration changed)."""
     r = router._remotes.get(spec.name)
-    if r is not None and (r.spec == spec or r.flight is not None or r.state is _S.STOPPING):
+    if r is not None and r.spec == spec:
         return r
     if r is not None:
-        forget(router, r)
+        forget(router, r, "registered anew")
     r = router._remotes[spec.name] = RemoteSlot(spec, router.config, router._emit)
     return r
 
 
-def forget(router: AsyncRouter, r: RemoteSlot) -> None:
-    """Drop a remote model's slot (its registration went or changed): stop its poll, close its
-    client once our requests on it end (bounded). The remote's model is left as it is."""
+def forget(router: AsyncRouter, r: RemoteSlot, reason: str) -> None:
+    """Drop a remote model's slot (its registration went or changed): its flight is cancelled
+    (waiters get :class:`LoadCancelled`), its poll stops, and its client closes once that flight,
+    an unload in progress and our requests on it have ended (each bounded). The remote's model
+    is left as it is."""
     if router._remotes.get(r.name) is r:
         del router._remotes[r.name]
+    r.following = False
+    if r.poller is not None:
+        r.poller.cancel()
+    if r.flight is not None:
+        r.flight.cancel_reason = reason
+        r.flight.scope.cancel()
+    router._retiring.add(r)
     assert router._tg is not None
+    router._tg.start_soon(_retire, router, r)
 
-    async def retire() -> None:
-        await r.drain(router.config.drain_timeout)
-        await r.aclose()
 
-    router._tg.start_soon(retire)
+async def _retire(router: AsyncRouter, r: RemoteSlot) -> None:
+    try:
+        with anyio.move_on_after(router.config.drain_timeout + router.config.remote_timeout):
+            while r.flight is not None or r.state is _S.STOPPING:
+                await r.changed.wait() if r.flight is None else await r.flight.done.wait()
+            await r.drain(router.config.drain_timeout)
+    finally:
+        router._retiring.discard(r)
+        await r.aclose()  # shielded
 
 
 async def close_all(router: AsyncRouter) -> None:
-    """The router closes: stop every poll and client (remote models stay as they are there)."""
+    """The router closes: stop every poll and client, the retiring ones' too (remote models
+    stay as they are on their servers)."""
     with anyio.CancelScope(shield=True):
-        for r in list(router._remotes.values()):
+        for r in [*router._remotes.values(), *router._retiring]:
             if r.flight is not None:
                 r.flight.cancel_reason = "the router is closing"
                 r.flight.scope.cancel()
+                await r.flight.done.wait()
             await r.aclose()
+        router._retiring.clear()
 
 
 def _wanted(r: RemoteSlot, requested: LoadOptions, explicit: bool) -> LoadOptions:
@@ -116,6 +133,9 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
         check_remote_options(r.remote, wanted)
         f = r.flight
         started: RemoteFlight | None = None
+        if f is None and r.state is _S.STOPPING:  # being unloaded: wait, then decide again
+            await _wait(router, r, r.changed, deadline)
+            continue
         if f is None:
             if not explicit and r.state is _S.READY:  # an auto-load uses it as it is
                 r.touch()
@@ -132,6 +152,8 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
         await _wait(router, r, f.done, deadline)
         if f.error is not None:
             raise f.error
+        if router._remotes.get(r.name) is not r:  # registered anew meanwhile: decide again
+            continue
         _apply_caller(r, requested, pin, explicit)
         if acquire:
             if r.state is not _S.READY:  # unloaded again meanwhile: decide again
@@ -151,11 +173,19 @@ def _apply_caller(r: RemoteSlot, requested: LoadOptions, pin: bool | None, expli
 async def _fly(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
     """The flight task: check and (if needed) load; its outcome is every joiner's."""
     try:
-        with f.scope:
-            await _carry_out(router, r, f)
-        if f.scope.cancel_called and r.state is not _S.READY:
-            raise LoadCancelled(f"load of {r.name!r} was cancelled: "
-                                f"{f.cancel_reason or 'cancelled'}", model=r.name)
+        try:
+            with f.scope:
+                await _carry_out(router, r, f)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except LemonError:
+            raise
+        except Exception as exc:  # the remote's answer broke an assumption: one clear error
+            raise LoadError(f"load of {r.name!r} on {r.remote.url} failed: "
+                            f"{type(exc).__name__}: {exc}", model=r.name) from exc
+        if f.cancel_reason is not None:  # an unload (or a new registration) came first
+            raise LoadCancelled(f"load of {r.name!r} was cancelled: {f.cancel_reason}",
+                                model=r.name)
     except LemonError as exc:
         f.error = exc
         r.last_error = exc
@@ -163,7 +193,7 @@ async def _fly(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
         if r.state is _S.LOADING:
             cancelled = isinstance(exc, LoadCancelled)
             r.set_state(_S.UNLOADED if cancelled else _S.FAILED, exc.message.splitlines()[0])
-        elif isinstance(exc, RemoteUnreachable) and r.state is _S.READY:
+        elif isinstance(exc, RemoteUnreachable) and r.state is _S.READY and r.following:
             r.set_state(_S.UNREACHABLE, exc.message)
     except BaseException:  # cancelled from outside: the router is closing
         f.error = LoadCancelled(f"load of {r.name!r} was cancelled: the router is closing",
@@ -229,14 +259,22 @@ async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) ->
                 await anyio.sleep(interval)
                 if r.flight is not None or r.state not in watched:
                     continue  # a load or an unload speaks for the remote now
+                asked_after = r.checked_at
                 try:
                     entry = await r.client.health(timeout=max(2.0, 2 * interval))
-                except LemonError as exc:
-                    if r.flight is None and r.state is _S.READY:
+                except RemoteUnreachable as exc:
+                    if r.flight is None and r.state is _S.READY and r.following:
                         r.last_error = exc
                         r.set_state(_S.UNREACHABLE, exc.message.splitlines()[0])
                     continue
-                if r.flight is not None or r.state not in watched or not r.following:
+                except Exception as exc:  # 401, 5xx, an odd answer: said, the state kept
+                    error = exc if isinstance(exc, LemonError) else LoadError(
+                        f"remote {r.remote.url} sent an answer that cannot be read: {exc!r}")
+                    r.last_error = error
+                    r.note(f"health check failed: {error.message.splitlines()[0]}")
+                    continue
+                if (r.flight is not None or r.state not in watched or not r.following
+                        or r.checked_at != asked_after):
                     continue  # a decision came while we asked: it has the fresher word
                 r.saw(entry)
                 if not _present(r, entry):
@@ -270,8 +308,12 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
                 await f.done.wait()
             cancelled = True
             continue
-        if r.state is _S.STOPPING:
-            await r.changed.wait()
+        if r.state is _S.STOPPING:  # another unload of it runs: wait for it (bounded)
+            with anyio.move_on_after(router.config.drain_timeout + router.config.remote_timeout):
+                await r.changed.wait()
+            if r.state is _S.STOPPING:
+                raise WaitTimeout(f"gave up waiting for the unload of {r.name!r} in progress",
+                                  model=r.name)
             continue
         break
     pid = r.entry.pid if r.entry else None

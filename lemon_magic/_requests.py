@@ -19,7 +19,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -69,7 +69,6 @@ class Endpoint:
     client: httpx.AsyncClient
     #: the OpenAI base URL (``http://127.0.0.1:PORT/v1``, a remote's ``.../api/v1`` or ``.../v1``)
     base: str
-    headers: Mapping[str, str] = field(default_factory=dict)
     #: the ``model`` the request sends (a remote's own name; ``None``: as the caller gave it)
     model: str | None = None
     process: BackendProcess | None = None
@@ -81,8 +80,23 @@ class Endpoint:
 
     @classmethod
     def of_remote(cls, r: RemoteSlot) -> Endpoint:
-        return cls(r.client.http, r.remote.base_url, r.remote.headers(), r.remote.remote_model,
-                   remote=r.remote)
+        return cls(r.client.http, r.remote.base_url, r.remote.remote_model, remote=r.remote)
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """A remote's ``Authorization`` (its key read from its variable now, never kept here)."""
+        return self.remote.headers() if self.remote is not None else {}
+
+    def check_status(self, reader: ResponseReader, response: httpx.Response, body: bytes) -> None:
+        """:raises LemonError: a non-200 answer (a remote's through the remote boundary: 401/403
+        name the key's variable, and messages name the remote)."""
+        if response.status_code == 200:
+            return
+        if self.remote is not None:
+            error = httpx.HTTPStatusError("", request=response.request,
+                                          response=httpx.Response(response.status_code, content=body))
+            raise remote_error(error, self.remote, during="inference")
+        reader.check_status(response.status_code, body)
 
     def url(self, path: str) -> str:
         """The URL of an OpenAI ``path`` (``/v1/chat/completions``) on this endpoint."""
@@ -240,9 +254,14 @@ def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonErro
     """A remote's transport failures go through the remote boundary (unreachable, TLS, cut
     mid-way); what is about the answer itself (no ``[DONE]``, not JSON) through :func:`translate`."""
     assert lease.load is not None and lease.endpoint is not None and lease.endpoint.remote
+    remote = lease.endpoint.remote
     if isinstance(exc, (StreamCut, ValueError)) and not isinstance(exc, httpx.HTTPError):
         return translate(exc, lease.load.model, timeout=timeout)
-    return remote_error(exc, lease.endpoint.remote, during="inference")
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)) and \
+            not isinstance(exc, httpx.ConnectTimeout):
+        return RequestTimeout(f"remote {remote.url} gave no answer for {lease.load.model!r} within "
+                              f"{timeout or 'the limit'}", model=lease.load.model)
+    return remote_error(exc, remote, during="inference")
 
 
 async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | None,
@@ -303,7 +322,7 @@ async def request(router: AsyncRouter, model: str, path: str, payload: dict[str,
             response = await endpoint.client.post(endpoint.url(path),
                                                   json=endpoint.body({**payload, "stream": False}),
                                                   headers=endpoint.headers, timeout=timeouts(limit))
-            reader.check_status(response.status_code, response.content)
+            endpoint.check_status(reader, response, response.content)
             reader.feed_body(response.content)
     return reader.completion(load)
 
@@ -332,7 +351,7 @@ async def events(router: AsyncRouter, model: str, path: str, payload: dict[str, 
                                           headers=endpoint.headers,
                                           timeout=timeouts(limit)) as response:
             if response.status_code != 200:
-                reader.check_status(response.status_code, await response.aread())
+                endpoint.check_status(reader, response, await response.aread())
             async for line in response.aiter_lines():
                 text = reader.feed_line(line)
                 if reader.done:

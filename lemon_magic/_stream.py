@@ -82,7 +82,7 @@ class Stream(Iterator[str]):
                     "POST", endpoint.url(self._path), json=endpoint.body(self._payload),
                     headers=endpoint.headers, timeout=_requests.timeouts(config.stream_idle_timeout)))
                 if self._response.status_code != 200:
-                    self._reader.check_status(self._response.status_code, self._response.read())
+                    endpoint.check_status(self._reader, self._response, self._response.read())
             except _requests.TRANSLATED as exc:
                 raise self._failure(exc) from exc
             self._lines = self._response.iter_lines()

@@ -71,8 +71,12 @@ async def unload(router: AsyncRouter, model: str, reason: str, *, closing: bool 
 
 
 async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
-    """Unload every model (in parallel); while the router closes, until none is left."""
+    """Unload every model (in parallel); while the router closes, until none is left.
+
+    :raises LemonError: the first unload that failed (a remote's), after all the others ran.
+    """
     results: list[UnloadResult] = []
+    failed: list[LemonError] = []
     closing = router._closed
 
     async def one(name: str) -> None:
@@ -80,6 +84,8 @@ async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
             results.append(await unload(router, name, reason, closing=closing))
         except ModelNotLoaded:
             pass
+        except LemonError as exc:  # a remote that refused or did not answer: the others go on
+            failed.append(exc)
 
     # while closing, ensure_loaded refuses new loads, so this converges; repeat in case
     # a load was starting while the first pass ran. Remote models are unloaded on their
@@ -93,5 +99,7 @@ async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
         remotes = []
         if not any(m.state in (_S.LOADING, _S.READY, _S.STOPPING) for m in router._models.values()):
             break
+    if failed:  # every other model was unloaded all the same
+        raise failed[0]
     return results
 

@@ -92,8 +92,9 @@ class AsyncRouter:
         self.backends: dict[str, Backend] = dict(backends or default_backends())
         self._resolver = Resolver(self.registry, self.backends)
         self._models: dict[str, Slot] = {}
-        #: remote models (no process, no local slot: see ``_remoting``)
+        #: remote models (no process, no local slot: see ``_remoting``), and forgotten ones
         self._remotes: dict[str, RemoteSlot] = {}
+        self._retiring: set[RemoteSlot] = set()
         self._lock = anyio.Lock()
         self._subscribers: list[Callable[[RouterEvent], None]] = []
         self._tg: anyio.abc.TaskGroup | None = None

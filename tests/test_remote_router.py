@@ -7,15 +7,13 @@ comes back on its own."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
@@ -35,6 +33,7 @@ from lemon_magic.errors import (
 )
 from lemon_magic.registry import Registry
 from tests.conftest import EventLog
+from tests.fake_remote import FakeRemote
 from tests.remotes import (
     KEY_ENV,
     SECRET,
@@ -233,8 +232,8 @@ def test_unload_unload_all_and_close(lemon: Proc, make_router: Callable[..., Rou
 def test_unload_during_a_remote_load_cancels_it(rr: Router) -> None:
     """A controllable remote whose /load takes 30 s: unload cancels our wait at once, sends the
     remote an /unload, and the loader gets LoadCancelled."""
-    with slow_lemonade(load_seconds=30) as (url, calls):
-        rr.register_remote("slow", url, "m")
+    with FakeRemote(load_seconds=30) as fake:
+        rr.register_remote("slow", fake.url, "m")
         future = rr.load_soon("slow", ctx_size=256)
         deadline = time.monotonic() + 10
         while not any(s.name == "slow" and s.state is ModelState.LOADING for s in rr.status()):
@@ -245,7 +244,7 @@ def test_unload_during_a_remote_load_cancels_it(rr: Router) -> None:
         with pytest.raises(LoadCancelled, match="unloaded while loading"):
             future.result(10)
         assert [s.state for s in rr.status() if s.name == "slow"] == [ModelState.UNLOADED]
-        assert "POST /api/v1/unload" in calls
+        assert fake.count("POST", "/api/v1/unload") == 1
 
 
 # ------------------------------------------------------------------ failures
@@ -427,55 +426,6 @@ def test_bad_remote_registrations_are_one_line_and_change_nothing(
     text = str(getattr(err, "message", err))
     assert message in text and "\n" not in text.strip()
     assert Registry().user_names() == before
-
-
-# ------------------------------------------------------------------ a slow remote
-
-
-class _SlowLemonade(BaseHTTPRequestHandler):
-    """A controllable Lemonade-shaped remote: nothing loaded; ``/load`` takes ``load_seconds``."""
-
-    load_seconds = 30.0
-    calls: ClassVar[list[str]] = []
-
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self.calls.append(f"GET {self.path}")
-        self._answer(200, {"status": "ok", "all_models_loaded": []})
-
-    def do_POST(self) -> None:
-        self.calls.append(f"POST {self.path}")
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        if self.path.endswith("/load"):
-            time.sleep(self.load_seconds)
-        self._answer(200, {"status": "success"})
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class slow_lemonade:
-    """``with slow_lemonade(load_seconds=30) as (url, calls)``: a real socket, a fake server."""
-
-    def __init__(self, load_seconds: float) -> None:
-        self.handler = type("Handler", (_SlowLemonade,), {"load_seconds": load_seconds, "calls": []})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
-        self.server.daemon_threads = True
-
-    def __enter__(self) -> tuple[str, list[str]]:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}", self.handler.calls
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ------------------------------------------------------------------ the panel
