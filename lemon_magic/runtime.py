@@ -156,7 +156,7 @@ class Router:
         :raises LemonError: bad model or options (nothing changes), or the load failed.
         """
         requested = LoadOptions.from_kwargs(options)
-        if pin is None:
+        if pin is None and model not in self._async._remotes:  # a remote's no-op asks the remote
             fast = self._call_sync(self._async._try_noop, model, requested)
             if fast is not None:
                 return fast

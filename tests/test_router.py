@@ -318,7 +318,7 @@ def test_the_async_router_on_its_own_loop(tiny_model: str) -> None:
             loaded = await r.ensure_loaded(tiny_model, LoadOptions(ctx_size=256))
             again = await r.ensure_loaded(tiny_model, LoadOptions(ctx_size=256))
             chunks = [c.text async for c in r.stream(tiny_model, "/v1/completions",
-                                                       {"prompt": "once", "max_tokens": 4})]
+                                                       {"prompt": "once", "max_tokens": 16})]
             whole = await r.request(tiny_model, "/v1/completions",
                                     {"prompt": "once", "max_tokens": 4, "temperature": 0})
             assert r.status()[0].requests_in_flight == 0
