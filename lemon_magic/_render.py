@@ -58,7 +58,9 @@ def _state(s: ModelStatus) -> str:
     state = str(s.state) + (" (pinned)" if s.pinned else "") + _idle_note(s)
     if s.remote is not None:  # the remote's own word, when it says more than ready
         said = s.remote.status not in (None, "ready", "loaded", str(s.state))
-        state += f" ({s.remote.url}{', it says ' + str(s.remote.status) if said else ''})"
+        word = ("it loads it on the first request" if s.remote.api == "openai"
+                and s.remote.status == "unloaded" else f"it says {s.remote.status}")
+        state += f" ({s.remote.url}{', ' + word if said else ''})"
     return state
 
 

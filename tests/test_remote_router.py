@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from lemon_magic import ModelState, Router, RouterConfig
+from lemon_magic._records import RemoteView
 from lemon_magic._remote_client import RemoteClient
 from lemon_magic._render import StatusTable, describe_load
 from lemon_magic.errors import (
@@ -351,6 +352,15 @@ def test_llama_router_mode_as_an_openai_remote(llama_router: Proc, rr: Router) -
     assert rr.load("oa").action == "noop"
     done = rr.complete("oa", "once", max_tokens=4, temperature=0)
     assert done.usage.get("completion_tokens", 0) >= 1
+
+    def reported() -> RemoteView | None:  # what the server's /v1/models says, as the poll read it
+        return next(s.remote for s in rr.status() if s.name == "oa")
+
+    deadline = time.monotonic() + 10  # router mode loads on demand: "unloaded" until the request
+    while (view := reported()) is None or view.status != "loaded":
+        assert time.monotonic() < deadline, view
+        time.sleep(0.1)
+    assert isinstance(view.options.get("ctx_size"), int) and view.options["ctx_size"] > 0
     chat = rr.chat("oa", [{"role": "user", "content": "hi"}], max_tokens=3)
     assert chat.finish_reason in ("length", "stop")
     chunks = list(rr.complete("oa", "once", max_tokens=4, temperature=0, stream=True))
