@@ -402,6 +402,8 @@ def test_magics_register_load_infer_status_unload(lemon: Proc, ip: Any,
     _unload_remote(lemon)
     ip.run_line_magic("lemon_register", f"big --remote {lemon.url} --remote-model tiny")
     assert f"registered big → {lemon.url} (lemonade: tiny)" in capsys.readouterr().out
+    models = repr(ip.run_line_magic("lemon_models", ""))
+    assert "big" in models and "remote" in models and f"{lemon.url} (lemonade: tiny)" in models
     ip.run_line_magic("lemon_load", "big --ctx-size 256")
     out = capsys.readouterr().out
     assert f"loaded big on {lemon.url} in " in out and "lemonade remote" in out
