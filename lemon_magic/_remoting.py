@@ -50,9 +50,12 @@ _S = ModelState
 
 
 def remote_slot(router: AsyncRouter, spec: ModelSpec) -> RemoteSlot:
-    """The slot of a remote model (made on first use, and anew when its registration changed)."""
+    """The slot of a remote model (made on first use, and anew when its registration changed),
+    its client's limits set from the router's settings of the moment."""
     r = router._remotes.get(spec.name)
     if r is not None and r.spec == spec:
+        r.client.timeout = router.config.remote_timeout  # settings changed since: they apply
+        r.client.load_timeout = router.config.remote_load_timeout
         return r
     if r is not None:
         forget(router, r, "registered anew")

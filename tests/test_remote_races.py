@@ -190,3 +190,15 @@ def test_closing_the_router_closes_a_retiring_slot(make_router: Callable[..., Ro
         rr.close()  # was: its client left open
         assert slot.client.http.is_closed
         worker.join(10)
+
+
+def test_changed_remote_timeouts_apply_to_a_model_already_known(rr: Router) -> None:
+    with FakeRemote() as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        fake.cfg["health_seconds"] = 3.0
+        rr.configure(remote_timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(RemoteUnreachable, match="no answer in time"):
+            rr.load("m")
+        assert time.monotonic() - start < 2.5
