@@ -11,7 +11,9 @@ other models are not held up at all.
 Who does what: the router decides; each model's :class:`~lemon_magic._slot.Slot`
 owns its process, options and state; :class:`~lemon_magic._resolve.Resolver`
 turns names and options into specs and resolved options; ``_requests`` holds
-the one request path.
+the one request path. Remote models (served by another server) have a
+:class:`~lemon_magic._remote_slot.RemoteSlot` each, outside the lock, the slots
+and the memory budget; ``_remoting`` decides for them against the remote's truth.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class AsyncRouter:
         self._pulls.cancel_all()
         with anyio.CancelScope(shield=True):
             await self.stop_serving()
-            await self._unload_all(reason="the router is closing")
+            await _unloading.unload_all(self, "the router is closing")
             await _remoting.close_all(self)
 
     def configure(self, changes: Mapping[str, Any]) -> RouterConfig:
@@ -423,14 +425,11 @@ class AsyncRouter:
         """
         return await _unloading.unload(self, model, reason, closing=_closing)
 
-    async def _unload_all(self, reason: str) -> list[UnloadResult]:
-        return await _unloading.unload_all(self, reason)
-
     async def unload_all(self) -> list[UnloadResult]:
-        """Unload every model; returns what was unloaded."""
+        """Unload every model (remote ones on their servers); returns what was unloaded."""
         if self._closed:
             raise RouterClosed()
-        return await self._unload_all("unloaded")
+        return await _unloading.unload_all(self, "unloaded")
 
     # ----------------------------------------------------------------- introspection
 
