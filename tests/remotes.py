@@ -244,6 +244,11 @@ def llama_router(models_dir: Path) -> Iterator[Proc]:
         proc.stop()
 
 
+def unload_remote(proc: Proc, model: str = "tiny") -> None:
+    """Unload ``model`` on the remote behind our routers' backs, as another client would."""
+    httpx.post(f"{proc.url}/api/v1/unload", json={"model_name": model}, timeout=30, trust_env=False)
+
+
 def lemonade(proc: Proc, model: str = "tiny", **kw: Any) -> RemoteSpec:
     return parse_remote(proc.url, model, "lemonade", **kw)
 

@@ -47,6 +47,7 @@ from tests.remotes import (
     models_dir,
     own_lemon,
     start_llama_router,
+    unload_remote,
 )
 from tests.tinygguf import write_tiny_llama
 
@@ -62,10 +63,6 @@ FAST = RouterConfig(start_timeout=60, drain_timeout=5, stop_grace=3, remote_poll
 def rr(make_router: Callable[..., Router]) -> Router:
     """A router that polls its remotes often (state changes within a second or two)."""
     return make_router(FAST)
-
-
-def _unload_remote(proc: Proc, model: str = "tiny") -> None:
-    httpx.post(f"{proc.url}/api/v1/unload", json={"model_name": model}, timeout=30, trust_env=False)
 
 
 @pytest.fixture
@@ -87,7 +84,7 @@ def remote_loads(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 def test_load_noop_and_reload_follow_the_remote(lemon: Proc, rr: Router,
                                                 remote_loads: list[float]) -> None:
-    _unload_remote(lemon)
+    unload_remote(lemon)
     rr.register_remote("big", lemon.url, "tiny")
     first = rr.load("big", ctx_size=256)
     assert (first.action, first.options.ctx_size, first.remote) == ("loaded", 256, lemon.url)
@@ -113,7 +110,7 @@ def test_concurrent_loads_make_one_remote_load(lemon: Proc, rr: Router,
                                                remote_loads: list[float]) -> None:
     """#1603 across machines: 16 threads asking for the same new options cause one remote
     /load (one reload, one new remote pid), and 16 asking for what is loaded cause none."""
-    _unload_remote(lemon)
+    unload_remote(lemon)
     rr.register_remote("big", lemon.url, "tiny")
     before = rr.load("big", ctx_size=256).pid
     barrier = threading.Barrier(16)
@@ -138,7 +135,7 @@ def test_two_routers_on_one_remote_share_its_model(lemon: Proc,
                                                    make_router: Callable[..., Router]) -> None:
     """Two kernels (two routers) against one remote: each decides against the remote's truth,
     so the second one's load of the same options is a no-op, and its other options reload."""
-    _unload_remote(lemon)
+    unload_remote(lemon)
     a, b = make_router(FAST), make_router(FAST)
     a.register_remote("big", lemon.url, "tiny")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -155,7 +152,7 @@ def test_two_routers_on_one_remote_share_its_model(lemon: Proc,
 
 
 def test_a_third_party_reload_and_unload_are_seen(lemon: Proc, rr: Router) -> None:
-    _unload_remote(lemon)
+    unload_remote(lemon)
     rr.register_remote("big", lemon.url, "tiny")
     log = EventLog()
     rr.subscribe(log)
@@ -173,7 +170,7 @@ def test_a_third_party_reload_and_unload_are_seen(lemon: Proc, rr: Router) -> No
     done = rr.complete("big", "once", max_tokens=2, load_options=None)
     assert done.load.action == "noop" and done.load.pid == health(lemon).pid != mine.pid
     assert rr.load("big", ctx_size=256).action == "reloaded"  # explicit: back to what we want
-    _unload_remote(lemon)
+    unload_remote(lemon)
     log.wait_for(lambda e: e.model == "big" and e.new is ModelState.UNLOADED, timeout=15)
     again = rr.complete("big", "once", max_tokens=2)  # auto-loads with our last explicit options
     assert again.load.action == "loaded"
@@ -184,7 +181,7 @@ def test_auto_load_never_reloads_a_remote(lemon: Proc, rr: Router,
                                           remote_loads: list[float]) -> None:
     from lemon_magic.options import LoadOptions
 
-    _unload_remote(lemon)
+    unload_remote(lemon)
     httpx.post(f"{lemon.url}/api/v1/load", json={"model_name": "tiny", "ctx_size": 1024},
                timeout=60, trust_env=False).raise_for_status()
     pid = health(lemon).pid
@@ -199,7 +196,7 @@ def test_remote_models_take_no_local_slot(lemon: Proc, make_router: Callable[...
                                           tiny_model: str, tiny_model_b: str) -> None:
     """max_loaded llm = 1: local loads evict each other, never the remote model."""
     r = make_router(FAST)
-    _unload_remote(lemon)
+    unload_remote(lemon)
     r.register_remote("big", lemon.url, "tiny")
     r.load("big")
     r.load(tiny_model)
@@ -215,7 +212,7 @@ def test_remote_models_take_no_local_slot(lemon: Proc, make_router: Callable[...
 
 def test_unload_unload_all_and_close(lemon: Proc, make_router: Callable[..., Router]) -> None:
     r = make_router(FAST)
-    _unload_remote(lemon)
+    unload_remote(lemon)
     r.register_remote("big", lemon.url, "tiny")
     pid = r.load("big").pid
     done = r.unload("big")
@@ -399,7 +396,7 @@ def test_openai_remote_killed_mid_stream(models_dir: Path, tmp_path: Path, rr: R
 
 def test_magics_register_load_infer_status_unload(lemon: Proc, ip: Any,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    _unload_remote(lemon)
+    unload_remote(lemon)
     ip.run_line_magic("lemon_register", f"big --remote {lemon.url} --remote-model tiny")
     assert f"registered big → {lemon.url} (lemonade: tiny)" in capsys.readouterr().out
     models = repr(ip.run_line_magic("lemon_models", ""))
@@ -446,7 +443,7 @@ def test_bad_remote_registrations_are_one_line_and_change_nothing(
 def test_panel_row_and_warning_for_a_remote_model(lemon: Proc, rr: Router) -> None:
     from lemon_magic.widgets import LemonPanel, chip
 
-    _unload_remote(lemon)
+    unload_remote(lemon)
     rr.register_remote("big", lemon.url, "tiny")
     rr.load("big", ctx_size=256)
     panel = LemonPanel(rr)
@@ -466,27 +463,3 @@ def test_panel_row_and_warning_for_a_remote_model(lemon: Proc, rr: Router) -> No
         assert panel.last_result.action == "reloaded" and health(lemon).ctx_size == 512
     finally:
         panel.close()
-
-
-# ------------------------------------------------------------------ served over HTTP
-
-
-def test_a_remote_model_served_over_http_by_name(lemon: Proc, rr: Router) -> None:
-    """Our own server in front of a remote model: one stable URL, the same contract."""
-    import openai
-
-    _unload_remote(lemon)
-    rr.register_remote("big", lemon.url, "tiny")
-    base = rr.serve(port=free_port())
-    with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
-        first = http.post("/load", json={"model_name": "big", "ctx_size": 256})
-        assert first.status_code == 200, first.text
-        assert http.post("/load", json={"model_name": "big", "ctx_size": 256}).json()["action"] == "noop"
-        loaded = http.get("/health").json()["all_models_loaded"]
-        assert [m["model_name"] for m in loaded] == ["big"]
-    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
-    done = client.completions.create(model="big", prompt="once", max_tokens=3)
-    assert done.model == "big" and done.choices[0].text is not None
-    chunks = list(client.chat.completions.create(model="big", max_tokens=3, stream=True,
-                                                 messages=[{"role": "user", "content": "hi"}]))
-    assert chunks and health(lemon).ctx_size == 256
