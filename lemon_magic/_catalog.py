@@ -41,15 +41,18 @@ async def register_remote(router: AsyncRouter, name: str, url: str, remote_model
     spec = await anyio.to_thread.run_sync(lambda: router.registry.register_remote(
         name, remote, kind=kind, description=description, **defaults))
     router._resolver.invalidate()
-    if name in router._remotes:  # another remote before: its slot (poll, belief) goes
-        _remoting.forget(router, router._remotes[name], "registered anew")
+    old = router._remotes.get(name)
+    if old is not None and old.spec != spec:  # another remote before: its slot (poll, belief)
+        _remoting.forget(router, old, "registered anew")  # goes; the same one again keeps it
     local = router._models.get(name)
     if local is not None:
-        try:
-            await router.unload(name, reason="registered anew as a remote model")
-        except ModelNotLoaded:
-            pass
-        if router._models.get(name) is local and local.state is ModelState.UNLOADED:
+        if local.state not in (ModelState.UNLOADED, ModelState.FAILED):
+            try:
+                await router.unload(name, reason="registered anew as a remote model")
+            except ModelNotLoaded:
+                pass
+        if router._models.get(name) is local and local.state in (
+                ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED):
             del router._models[name]
     return spec
 

@@ -152,5 +152,6 @@ class CatalogMagics:
         unloaded = self.router.unregister(args.name)
         note = f" (unloaded pid {unloaded.pid})" if unloaded and unloaded.pid else ""
         if remote is not None and remote.remote is not None:
-            note = f" (it stays loaded on {remote.remote.url}: %lemon_unload it first to unload it there)"
+            note = (f" (it stays loaded on {remote.remote.url} as {remote.remote.remote_model!r}; "
+                    "register it again to unload it there)")
         print(f"unregistered {args.name}{note}")

@@ -84,12 +84,19 @@ class RemoteSpec:
         return f"{self.root}/api/v1" if self.api == "lemonade" else self.root
 
     def api_key(self) -> str | None:
-        """The key, read from ``$api_key_env`` now (``None``: no variable named, or it is unset)."""
-        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+        """The key, read from ``$api_key_env`` now, without surrounding whitespace (``None``: no
+        variable named, or it is unset or blank)."""
+        return (os.environ.get(self.api_key_env, "").strip() or None) if self.api_key_env else None
 
     def headers(self) -> dict[str, str]:
-        """The headers every call sends (``Authorization: Bearer`` when the key is set)."""
+        """The headers every call sends (``Authorization: Bearer`` when the key is set).
+
+        :raises InvalidOptions: the key cannot go in an HTTP header (its value is never shown).
+        """
         key = self.api_key()
+        if key is not None and not (key.isascii() and key.isprintable()):
+            raise InvalidOptions(f"${self.api_key_env} holds a value that cannot be sent as an "
+                                 "API key (not printable ASCII; the value is not shown)")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -124,7 +131,8 @@ def parse_remote(url: object, remote_model: object, api: object = "lemonade",
         raise InvalidOptions("a remote model needs --remote-model: its name on the remote server")
     if api_key_env is not None and (not isinstance(api_key_env, str)
                                     or not _ENV_NAME.match(api_key_env)):
-        raise InvalidOptions(f"api_key_env must be an environment variable name, got {api_key_env!r}")
+        raise InvalidOptions("api_key_env must be the name of an environment variable that holds "
+                             "the key, not the key itself (the value given is not shown)")
     return RemoteSpec(url.rstrip("/"), remote_model.strip(), api, api_key_env)
 
 

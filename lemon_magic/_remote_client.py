@@ -64,6 +64,13 @@ def _first_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[0][:300]
 
 
+def _scrubbed(text: str, spec: RemoteSpec) -> str:
+    """The first line of ``text``, with the API key's value taken out if it appears."""
+    key = spec.api_key()
+    line = _first_line(text)
+    return line.replace(key, "***") if key else line
+
+
 def _message(response: httpx.Response) -> str:
     """The remote's error message (OpenAI's ``{"error": {"message"}}`` or Lemonade's
     ``{"error": "..."}``), first line only."""
@@ -107,7 +114,7 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
     if isinstance(exc, httpx.ConnectTimeout):
         return RemoteUnreachable(url, f"no connection within {CONNECT_TIMEOUT:g} s", model=model)
     if isinstance(exc, httpx.ConnectError):
-        return RemoteUnreachable(url, f"cannot connect ({_first_line(str(exc)) or 'refused'})",
+        return RemoteUnreachable(url, f"cannot connect ({_scrubbed(str(exc), spec) or 'refused'})",
                                  model=model)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         if during == "inference":
@@ -117,13 +124,18 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
         return RemoteUnreachable(url, "no answer in time", model=model)
     if during == "inference" and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
         return InferenceError(f"remote {url} cut the response off mid-way "
-                              f"({_first_line(str(exc)) or type(exc).__name__})", model=model)
+                              f"({_scrubbed(str(exc), spec) or type(exc).__name__})", model=model)
+    if isinstance(exc, httpx.LocalProtocolError):  # what we would have sent: never echoed
+        return RemoteError(f"a request to remote {url} could not be sent ({type(exc).__name__})",
+                           url=url, model=model)
     if isinstance(exc, httpx.TransportError):
-        return RemoteUnreachable(url, f"{type(exc).__name__}: {_first_line(str(exc))}", model=model)
+        return RemoteUnreachable(url, f"{type(exc).__name__}: {_scrubbed(str(exc), spec)}",
+                                 model=model)
     if isinstance(exc, ValueError):
         return RemoteError(f"remote {url} sent an answer that is not valid JSON", url=url,
                            model=model)
-    return RemoteError(f"remote {url} failed: {type(exc).__name__}: {exc}", url=url, model=model)
+    return RemoteError(f"remote {url} failed: {type(exc).__name__}: {_scrubbed(str(exc), spec)}",
+                       url=url, model=model)
 
 
 # ------------------------------------------------------------------ the client

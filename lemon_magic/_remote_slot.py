@@ -90,6 +90,8 @@ class RemoteSlot(InFlight):
         #: we loaded it and did not unload it: the poll follows it even while its server
         #: reports it unloaded (a third party's reload or unload)
         self.following = False
+        #: why this slot was let go (unregistered, registered anew), if it was
+        self.retired: str | None = None
 
     # ----------------------------------------------------------------- state
 

@@ -30,10 +30,13 @@ from lemon_magic._records import LoadResult, Plan, UnloadResult
 from lemon_magic._remote import RemoteEntry, check_remote_options, remote_action, reported_options
 from lemon_magic._remote_slot import RemoteFlight, RemoteSlot
 from lemon_magic.errors import (
+    InvalidOptions,
     LemonError,
     LoadCancelled,
     LoadError,
+    ModelNotFound,
     ModelNotLoaded,
+    RemoteError,
     RemoteUnreachable,
     RouterClosed,
     WaitTimeout,
@@ -70,6 +73,7 @@ def forget(router: AsyncRouter, r: RemoteSlot, reason: str) -> None:
     is left as it is."""
     if router._remotes.get(r.name) is r:
         del router._remotes[r.name]
+    r.retired = reason
     r.following = False
     if r.poller is not None:
         r.poller.cancel()
@@ -101,6 +105,9 @@ async def close_all(router: AsyncRouter) -> None:
                 r.flight.cancel_reason = "the router is closing"
                 r.flight.scope.cancel()
                 await r.flight.done.wait()
+            with anyio.move_on_after(router.config.remote_timeout):  # an unload in progress ends
+                while r.state is _S.STOPPING:
+                    await r.changed.wait()
             await r.aclose()
         router._retiring.clear()
 
@@ -128,10 +135,14 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
     """
     began = time.monotonic()
     deadline = began + router.config.load_wait_timeout
+    r = remote_slot(router, spec)
     while True:
         if router._closed:
             raise RouterClosed()
-        r = remote_slot(router, spec)
+        if router._remotes.get(spec.name) is not r:  # unregistered or registered anew while we
+            # waited: decide from the registration as it is now (never bring the old one back)
+            return await router.ensure_loaded(spec.name, requested, explicit=explicit, pin=pin,
+                                              _acquire=acquire)
         wanted = _wanted(r, requested, explicit)
         check_remote_options(r.remote, wanted)
         f = r.flight
@@ -222,7 +233,16 @@ async def _carry_out(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> Non
         detail = f"loaded on {remote.url}" + (f", pid {entry.pid}" if entry.pid else "")
         if todo != "noop":
             r.set_state(_S.LOADING, f"{todo} on {remote.url}")
-            done = await client.load(f.wanted, before=entry)
+            try:
+                done = await client.load(f.wanted, before=entry)
+            except (InvalidOptions, ModelNotFound):  # refused: nothing changed on the remote
+                r.saw(entry)
+                r.set_state(_S.READY if entry.loaded else _S.UNLOADED,
+                            f"{remote.url} refused the {todo}; it has what it had")
+                if entry.loaded:
+                    r.following = True
+                    _follow(router, r)
+                raise
             f.action = done.action
             if done.action == "reloaded":
                 f.previous = reported_options(remote, entry)
@@ -237,7 +257,12 @@ async def _carry_out(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> Non
     r.last_error = None
     r.following = True
     r.set_state(_S.READY, detail)
-    if r.poller is None:
+    _follow(router, r)
+
+
+def _follow(router: AsyncRouter, r: RemoteSlot) -> None:
+    """Start the health poll of a model we follow, unless it runs."""
+    if r.following and r.poller is None and r.retired is None:
         assert router._tg is not None
         r.poller = anyio.CancelScope()
         router._tg.start_soon(_poll, router, r, r.poller)
@@ -258,7 +283,7 @@ async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) ->
     try:
         with scope:
             while r.following:
-                interval = router.config.remote_poll_interval
+                interval = max(router.config.remote_poll_interval, 0.05)
                 await anyio.sleep(interval)
                 if r.flight is not None or r.state not in watched:
                     continue  # a load or an unload speaks for the remote now
@@ -320,15 +345,19 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
             continue
         break
     pid = r.entry.pid if r.entry else None
-    following, r.following = r.following, False  # what the remote does with it is not ours now
-    if r.state in (_S.UNLOADED, _S.FAILED) and not cancelled:
-        raise ModelNotLoaded(r.name)
+    ours = r.state not in (_S.UNLOADED, _S.FAILED) or cancelled
     if r.remote.api == "openai":
+        if not ours:
+            raise ModelNotLoaded(r.name)
+        r.following = False
         if r.state is not _S.UNLOADED and r.state is not _S.FAILED:
             r.set_state(_S.UNLOADED, f"{reason}; {r.remote.url} keeps serving it")
         return UnloadResult(r.name, None, time.monotonic() - began, cancelled_load=cancelled,
                             detail=f"{r.remote.url} keeps serving it (an openai remote has no "
                                    "unload)")
+    # a lemonade remote: its /unload is declarative, so even a model we do not follow (loaded
+    # by another kernel, or before a restart) is asked for; its 404 means "not loaded"
+    following, r.following = r.following, False  # what the remote does with it is not ours now
     stopping = r.state in (_S.READY, _S.UNREACHABLE)
     if stopping:
         r.set_state(_S.STOPPING, reason)
@@ -336,16 +365,24 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
         await r.drain(router.config.drain_timeout)
         try:
             had = await r.client.unload()
-        except LemonError as exc:
-            r.last_error = exc
+        except BaseException as exc:
+            error = exc if isinstance(exc, LemonError) else RemoteError(
+                f"unload of {r.name!r} on {r.remote.url} failed: {type(exc).__name__}",
+                url=r.remote.url, model=r.name)
+            r.last_error = error
             r.following = following
             if stopping:
                 r.set_state(_S.UNREACHABLE if isinstance(exc, RemoteUnreachable) else _S.READY,
-                            f"the unload failed: {exc.message.splitlines()[0]}")
-            raise
+                            f"the unload failed: {error.message.splitlines()[0]}")
+            _follow(router, r)
+            if error is exc or not isinstance(exc, Exception):
+                raise
+            raise error from exc
     r.saw(RemoteEntry(loaded=False))
     if stopping:
         r.set_state(_S.UNLOADED, f"{reason} on {r.remote.url}")
+    if not had and not ours:
+        raise ModelNotLoaded(r.name)
     detail = f"on {r.remote.url}" if had else f"{r.remote.url} did not have it loaded"
     return UnloadResult(r.name, pid, time.monotonic() - began, cancelled_load=cancelled,
                         detail=detail)

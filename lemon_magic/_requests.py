@@ -255,6 +255,10 @@ def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonErro
     mid-way); what is about the answer itself (no ``[DONE]``, not JSON) through :func:`translate`."""
     assert lease.load is not None and lease.endpoint is not None and lease.endpoint.remote
     remote = lease.endpoint.remote
+    retired = getattr(lease.slot, "retired", None)
+    if retired and not isinstance(exc, LemonError):  # we let it go, not the remote
+        return InferenceError(f"the request to {lease.load.model!r} was ended here: the model was "
+                              f"{retired} while it ran (after drain_timeout)", model=lease.load.model)
     if isinstance(exc, (StreamCut, ValueError)) and not isinstance(exc, httpx.HTTPError):
         return translate(exc, lease.load.model, timeout=timeout)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)) and \

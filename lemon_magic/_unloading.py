@@ -31,15 +31,18 @@ async def unload(router: AsyncRouter, model: str, reason: str, *, closing: bool 
     if router._closed and not closing:
         raise RouterClosed()
     name = model
-    if name in router._remotes and name not in router._models:
-        return await _remoting.unload(router, router._remotes[name], reason)
-    if name not in router._models:
-        try:
-            name = (await router._spec(model)).name
-        except LemonError:
-            raise ModelNotLoaded(model) from None
+    local = router._models.get(name)
+    if local is None or local.state in (_S.UNLOADED, _S.FAILED):  # nothing runs here under it
         if name in router._remotes:
             return await _remoting.unload(router, router._remotes[name], reason)
+        if local is None:
+            try:
+                spec = await router._spec(model)
+            except LemonError:
+                raise ModelNotLoaded(model) from None
+            name = spec.name
+            if spec.remote is not None:  # asked on its server: it may have it from before
+                return await _remoting.unload(router, _remoting.remote_slot(router, spec), reason)
     load: Load | None = None
     while True:
         async with router._lock:
@@ -90,8 +93,9 @@ async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
     # while closing, ensure_loaded refuses new loads, so this converges; repeat in case
     # a load was starting while the first pass ran. Remote models are unloaded on their
     # servers when asked to, never because this router closes (they are the server's).
-    remotes = [] if closing else [n for n, r in router._remotes.items()
-                                  if r.state is not _S.UNLOADED and n not in router._models]
+    remotes = [] if closing else [
+        n for n, r in router._remotes.items() if r.state is not _S.UNLOADED
+        and (n not in router._models or router._models[n].state in (_S.UNLOADED, _S.FAILED))]
     for _ in range(3 if closing else 1):
         async with anyio.create_task_group() as tg:
             for name in [*router._models, *remotes]:

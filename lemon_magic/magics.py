@@ -106,8 +106,8 @@ class LemonMagics(CatalogMagics, Magics):
     def _warn_about_next_loads(self) -> None:
         """Say which loaded models the next plain ``%lemon_load MODEL`` would now reload."""
         for status in self.router.status():
-            if status.state is not ModelState.READY:
-                continue
+            if status.state is not ModelState.READY or status.remote is not None:
+                continue  # the load defaults never apply to a remote model (its server's do)
             try:
                 plan = self.router.plan(status.name)
             except LemonError as exc:

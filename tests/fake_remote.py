@@ -20,8 +20,9 @@ class FakeRemote:
 
     def __init__(self, *, keepalive: bool = True, **cfg: Any) -> None:
         self.cfg: dict[str, Any] = {
-            "load_seconds": 0.0, "unload_seconds": 0.0, "unload_status": 200, "health_seconds": 0.0,
-            "health_body": None, "infer_seconds": 0.0, "key": None, "loaded": False, "pid": 4242}
+            "load_seconds": 0.0, "load_status": 200, "unload_seconds": 0.0, "unload_status": 200,
+            "health_seconds": 0.0, "health_body": None, "infer_seconds": 0.0, "key": None,
+            "loaded": False, "pid": 4242}
         self.cfg.update(cfg)
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -56,6 +57,8 @@ class FakeRemote:
                 cfg = fake.cfg
                 if self.path.endswith("/load"):
                     time.sleep(cfg["load_seconds"])
+                    if cfg["load_status"] != 200:
+                        return self._answer(cfg["load_status"], {"error": "load refused here"})
                     cfg["loaded"], cfg["pid"] = True, cfg["pid"] + 1
                     return self._answer(200, {"status": "success", "action": "loaded",
                                               "pid": cfg["pid"]})
@@ -63,6 +66,8 @@ class FakeRemote:
                     time.sleep(cfg["unload_seconds"])
                     if cfg["unload_status"] != 200:
                         return self._answer(cfg["unload_status"], {"error": "unload failed here"})
+                    if not cfg["loaded"]:
+                        return self._answer(404, {"error": "model not loaded"})
                     cfg["loaded"] = False
                     return self._answer(200, {"status": "success"})
                 if cfg["key"] is not None and self.headers.get("authorization") != f"Bearer {cfg['key']}":

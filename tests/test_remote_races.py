@@ -5,6 +5,7 @@ remote wiring; each test failed before its fix."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -15,8 +16,11 @@ import pytest
 from lemon_magic import ModelState, Router, RouterConfig
 from lemon_magic._requests import Endpoint
 from lemon_magic.errors import (
+    InferenceError,
+    InvalidOptions,
     LemonError,
     LoadCancelled,
+    ModelNotLoaded,
     RemoteAuthError,
     RemoteError,
     RemoteUnreachable,
@@ -202,3 +206,119 @@ def test_changed_remote_timeouts_apply_to_a_model_already_known(rr: Router) -> N
         with pytest.raises(RemoteUnreachable, match="no answer in time"):
             rr.load("m")
         assert time.monotonic() - start < 2.5
+
+
+# ------------------------------------------------------------------ a second review
+
+
+def test_a_wait_through_unregister_never_brings_the_registration_back(rr: Router) -> None:
+    from lemon_magic.errors import ModelNotFound
+
+    with FakeRemote(unload_seconds=1.5) as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        unloading = rr.unload_soon("m")
+        _until(lambda: _state(rr, "m") is ModelState.STOPPING)
+        waiting = rr.load_soon("m")  # waits for the unload to end
+        time.sleep(0.2)
+        rr.unregister("m")
+        with pytest.raises(ModelNotFound):  # was: loaded again from the old registration
+            waiting.result(10)
+        unloading.result(10)
+        assert fake.count("POST", "/load") == 1 and not any(s.name == "m" for s in rr.status())
+
+
+def test_a_key_is_stripped_and_a_bad_one_is_refused_unshown(rr: Router,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeRemote(key="k-123") as fake:
+        monkeypatch.setenv(KEY_ENV, "k-123\n")  # as read from a file
+        rr.register_remote("m", fake.url, "m", api_key_env=KEY_ENV)
+        assert rr.complete("m", "x", max_tokens=1).text == "hi"
+        monkeypatch.setenv(KEY_ENV, "k-123\u00e9-secret")
+        for call in (lambda: rr.load("m"), lambda: rr.complete("m", "x", max_tokens=1),
+                     lambda: rr.unload("m")):
+            with pytest.raises(InvalidOptions, match=rf"\${KEY_ENV} holds a value that cannot be "
+                                                      "sent") as info:
+                call()
+            assert "secret" not in info.value.message and "\n" not in info.value.message
+        assert _state(rr, "m") is ModelState.READY  # was: stuck in stopping
+        shown = repr(rr.status()) + "\n".join(rr.logs("m"))
+        assert "secret" not in shown
+        monkeypatch.setenv(KEY_ENV, "k-123")
+        assert rr.unload("m").detail == f"on {fake.url}"
+    with pytest.raises(InvalidOptions, match="not the key itself") as info:
+        rr.register_remote("k", "http://127.0.0.1:1", "m", api_key_env="sk-proj-SECRETKEY123")
+    assert "SECRET" not in info.value.message
+
+
+def test_a_refused_unload_keeps_the_poll_going(rr: Router) -> None:
+    with FakeRemote(unload_status=500, unload_seconds=0.6) as fake:  # polls come during it
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        with pytest.raises(RemoteError):
+            rr.unload("m")
+        fake.cfg["loaded"] = False  # a third party unloads it: the poll still sees it
+        _until(lambda: _state(rr, "m") is ModelState.UNLOADED, timeout=5)
+
+
+def test_a_reload_the_remote_refuses_changes_nothing(rr: Router) -> None:
+    with FakeRemote() as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        fake.cfg["load_status"] = 400
+        with pytest.raises(InvalidOptions, match="HTTP 400: load refused here"):
+            rr.load("m", ctx_size=512)
+        assert _state(rr, "m") is ModelState.READY  # was: failed, and unload said "not loaded"
+        assert rr.unload("m").detail == f"on {fake.url}"
+
+
+def test_a_new_router_can_unload_what_an_old_one_loaded(make_router: Callable[..., Router]) -> None:
+    with FakeRemote() as fake:
+        first = make_router(FAST)
+        first.register_remote("m", fake.url, "m")
+        first.load("m")
+        first.close()  # the kernel went away; the remote keeps the model
+        assert fake.cfg["loaded"]
+        second = make_router(FAST)  # a new kernel: same registrations, no slot yet
+        assert second.unload("m").detail == f"on {fake.url}"  # was: ModelNotLoaded, never asked
+        assert not fake.cfg["loaded"]
+        with pytest.raises(ModelNotLoaded):
+            second.unload("m")
+
+
+def test_registering_the_same_remote_again_keeps_its_slot(rr: Router) -> None:
+    with FakeRemote(infer_seconds=1.0) as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        answer = concurrent.futures.ThreadPoolExecutor(1).submit(
+            rr.complete, "m", "x", max_tokens=1)
+        time.sleep(0.2)
+        rr.register_remote("m", fake.url, "m")  # the register cell run again: nothing changes
+        assert answer.result(10).text == "hi"  # was: cut off mid-way
+        assert _state(rr, "m") is ModelState.READY
+
+
+def test_a_request_ended_by_unregister_says_so(rr: Router) -> None:
+    with FakeRemote(infer_seconds=6.0) as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        answer = concurrent.futures.ThreadPoolExecutor(1).submit(
+            rr.complete, "m", "x", max_tokens=1)
+        _until(lambda: fake.count("POST", "/completions") == 1)
+        rr.unregister("m")  # its client closes after drain_timeout (2 s)
+        with pytest.raises(InferenceError, match="was ended here: the model was unregistered"):
+            answer.result(15)  # was: "remote … cut the response off mid-way"
+
+
+def test_a_failed_local_model_does_not_hide_the_remote_of_that_name(
+        rr: Router, tiny_model: str) -> None:
+    from lemon_magic.errors import LoadError
+
+    with FakeRemote() as fake:
+        rr.register("x", tiny_model)
+        with pytest.raises(LoadError):
+            rr.load("x", extra_args=["--no-such-flag"])
+        rr.register_remote("x", fake.url, "m")
+        rr.load("x")
+        assert rr.unload("x").detail == f"on {fake.url}"  # was: ModelNotLoaded, the remote kept it
+        assert not fake.cfg["loaded"]

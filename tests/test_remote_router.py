@@ -425,7 +425,7 @@ def test_magics_register_load_infer_status_unload(lemon: Proc, ip: Any,
     ("x --remote http://h:1", "a remote model needs --remote-model"),
     ("x --remote ftp://h:1 --remote-model m", "must start with http:// or https://"),
     ("x --remote http://h:1 --remote-model m --api grpc", "api must be one of lemonade, openai"),
-    ("x --remote http://h:1 --remote-model m --api-key-env 'A B'", "environment variable name"),
+    ("x --remote http://h:1 --remote-model m --api-key-env 'A B'", "name of an environment variable"),
 ])
 def test_bad_remote_registrations_are_one_line_and_change_nothing(
         ip: Any, line: str, message: str) -> None:

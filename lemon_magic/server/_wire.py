@@ -181,6 +181,9 @@ SAVED_KEYS = {"ctx_size": "ctx_size", "llamacpp_args": "extra_args", "backend": 
 
 
 def recipe_options(s: ModelStatus) -> dict[str, Any]:
+    """A loaded model's options as Lemonade reports them (a remote model: as its server does)."""
+    if s.remote is not None:
+        return dict(s.remote.options)
     if s.options is None:
         return {}
     o = s.options

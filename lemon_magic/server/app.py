@@ -96,8 +96,9 @@ class _Api:
     def _loaded_entry(self, s: ModelStatus) -> dict[str, Any]:
         return {
             "model_name": s.name, "checkpoint": s.options.model_path if s.options else None,
-            "type": s.kind, "device": "cpu",
-            "backend_url": f"{s.url}/v1" if s.url else None, "pid": s.pid,
+            "type": s.kind, "device": (s.remote.options.get("llamacpp_backend") if s.remote else None)
+            or "cpu", "backend_url": s.url if s.remote else f"{s.url}/v1" if s.url else None,
+            "pid": s.pid,
             "status": "in_use" if s.requests_in_flight else "ready", "loaded": True,
             "pinned": s.pinned, "recipe": "llamacpp", "recipe_options": recipe_options(s),
             "is_busy": s.requests_in_flight > 0, "is_streaming": s.name in self.streams,
