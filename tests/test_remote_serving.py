@@ -58,3 +58,19 @@ def test_a_remote_embedding_model_keeps_its_kind(lemon: Proc, lemon_root: Path, 
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         client.completions.create(model="vectors", prompt="x", max_tokens=1)
     assert health(lemon, "emb").loaded
+
+
+def test_a_remote_that_fails_is_a_bad_gateway_in_one_line(rr: Router) -> None:
+    """Over HTTP, a remote model's server failing is 502 (not the client's fault, not ours)."""
+    gone = f"http://127.0.0.1:{free_port()}"
+    rr.register_remote("gone", gone, "m")
+    base = rr.serve(port=free_port())
+    with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+        for path, body in (("/load", {"model_name": "gone"}),
+                           ("/completions", {"model": "gone", "prompt": "x", "max_tokens": 1})):
+            r = http.post(path, json=body)
+            assert r.status_code == 502, r.text
+            error = r.json()["error"]
+            assert error["type"] == "remote_unreachable" and gone in error["message"]
+            assert "\n" not in error["message"]
+        assert http.get("/health").status_code == 200
