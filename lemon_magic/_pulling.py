@@ -22,6 +22,7 @@ progress as ``detail``) at most every :data:`PROGRESS_EVERY` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -42,6 +43,7 @@ from lemon_magic.errors import (
     InvalidOptions,
     LemonError,
     ModelNotFound,
+    ModelNotLoaded,
     NotDownloaded,
     PullCancelled,
     PullError,
@@ -146,6 +148,9 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
     """
     if router._closed:
         raise RouterClosed()
+    if name is None and _is_remote(router.registry, model):
+        raise InvalidOptions(f"{model!r} is a remote model: its server has its files, there is "
+                             "nothing to pull")
     if name is None and _is_local(router.registry, model):  # nothing to pull: say where it is
         spec = await router._spec(model)
         return PullResult(spec.name, "", str(spec.path), spec.path.stat().st_size, 0, 0.0)
@@ -159,13 +164,20 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
     return await router._pulls.pull(target)
 
 
+def _is_remote(registry: Registry, name: str) -> bool:
+    try:
+        return registry.lookup(name).remote is not None
+    except LemonError:
+        return False
+
+
 def _is_local(registry: Registry, name: str) -> bool:
     """Whether ``name`` is the built-in model or a registration of a local file (not pulled)."""
     try:
         spec = registry.lookup(name)
     except LemonError:
         return False
-    return spec.source in ("builtin", "user") and spec.checkpoint is None
+    return spec.source in ("builtin", "user") and spec.checkpoint is None and spec.remote is None
 
 
 def registered_target(registry: Registry, name: str) -> PullTarget | None:
@@ -342,7 +354,11 @@ class Pulls:
         if name not in router.registry.user_names():
             raise ModelNotFound(name, router.registry.user_names(), paths=False)
         spec = router.registry.lookup(name)
-        unloaded = await router.unregister(name)
+        unloaded = None
+        if spec.remote is not None:  # delete means gone: unloaded on its server too
+            with contextlib.suppress(ModelNotLoaded):
+                unloaded = await router.unload(name, reason="deleted")
+        unloaded = await router.unregister(name) or unloaded
         freed = 0
         if spec.checkpoint is not None and not self._shared(spec.path):
             freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)

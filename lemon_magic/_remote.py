@@ -48,6 +48,8 @@ APIS: tuple[Api, ...] = ("lemonade", "openai")
 LLAMACPP_BACKENDS = frozenset({"cpu", "vulkan", "rocm", "metal", "cuda", "system"})
 #: the path suffixes a lemonade URL may carry; control calls go to ``<root>/api/v1``
 _LEMONADE_PREFIXES = ("/api/v1", "/api/v0", "/v1", "/v0")
+#: the variables ``lemon-magic serve`` takes its own key from: never a remote's key
+SERVER_KEY_ENVS = frozenset({"LEMON_MAGIC_API_KEY", "LEMONADE_API_KEY"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -133,6 +135,9 @@ def parse_remote(url: object, remote_model: object, api: object = "lemonade",
                                     or not _ENV_NAME.match(api_key_env)):
         raise InvalidOptions("api_key_env must be the name of an environment variable that holds "
                              "the key, not the key itself (the value given is not shown)")
+    if api_key_env in SERVER_KEY_ENVS:
+        raise InvalidOptions(f"${api_key_env} is the key of this machine's own server (lemon-magic "
+                             "serve reads it); put the remote's key in another variable")
     return RemoteSpec(url.rstrip("/"), remote_model.strip(), api, api_key_env)
 
 

@@ -98,7 +98,7 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
         if r.status_code in (401, 403):
             return RemoteAuthError(url, r.status_code, spec.api_key_env,
                                    key_set=spec.api_key() is not None, model=model)
-        text = f"remote {url} answered HTTP {r.status_code}: {_message(r)}"
+        text = f"remote {url} answered HTTP {r.status_code}: {_scrubbed(_message(r), spec)}"
         if during == "load":
             return LoadError(text, model=model) if r.status_code >= 500 else \
                 InvalidOptions(text, model=model)

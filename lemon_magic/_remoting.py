@@ -144,19 +144,19 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
             return await router.ensure_loaded(spec.name, requested, explicit=explicit, pin=pin,
                                               _acquire=acquire)
         wanted = _wanted(r, requested, explicit)
-        check_remote_options(r.remote, wanted)
         f = r.flight
         started: RemoteFlight | None = None
+        if f is None and not explicit and r.state is _S.READY:  # an auto-load uses it as it is
+            r.touch()
+            _apply_caller(r, requested, pin, explicit)
+            if acquire:
+                r.admit()
+            return r.result("noop", began, wanted=wanted)
+        check_remote_options(r.remote, wanted)
         if f is None and r.state is _S.STOPPING:  # being unloaded: wait, then decide again
             await _wait(router, r, r.changed, deadline)
             continue
         if f is None:
-            if not explicit and r.state is _S.READY:  # an auto-load uses it as it is
-                r.touch()
-                _apply_caller(r, requested, pin, explicit)
-                if acquire:
-                    r.admit()
-                return r.result("noop", began, wanted=wanted)
             assert router._tg is not None
             f = started = r.flight = RemoteFlight(wanted, explicit)
             router._tg.start_soon(_fly, router, r, f)
@@ -201,6 +201,7 @@ async def _fly(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
             raise LoadCancelled(f"load of {r.name!r} was cancelled: {f.cancel_reason}",
                                 model=r.name)
     except LemonError as exc:
+        exc.model = r.name  # the name our callers know it by (not the remote's)
         f.error = exc
         r.last_error = exc
         r.note(f"load failed: {exc.message.splitlines()[0]}")

@@ -95,7 +95,9 @@ class Endpoint:
         if self.remote is not None:
             error = httpx.HTTPStatusError("", request=response.request,
                                           response=httpx.Response(response.status_code, content=body))
-            raise remote_error(error, self.remote, during="inference")
+            failure = remote_error(error, self.remote, during="inference")
+            failure.model = reader.model  # the name our callers know it by
+            raise failure
         reader.check_status(response.status_code, body)
 
     def url(self, path: str) -> str:
@@ -265,7 +267,9 @@ def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonErro
             not isinstance(exc, httpx.ConnectTimeout):
         return RequestTimeout(f"remote {remote.url} gave no answer for {lease.load.model!r} within "
                               f"{timeout or 'the limit'}", model=lease.load.model)
-    return remote_error(exc, remote, during="inference")
+    error = remote_error(exc, remote, during="inference")
+    error.model = lease.load.model  # the name our callers know it by (not the remote's)
+    return error
 
 
 async def admit(router: AsyncRouter, model: str, load_options: LoadOptions | None,

@@ -71,9 +71,18 @@ def _merged(spec: ModelSpec, body: dict[str, Any], options: LoadOptions) -> Load
     return LoadOptions(**saved)
 
 
+def _not_remote(spec: ModelSpec) -> None:
+    """:raises InvalidOptions: a remote model (its options are its server's; register it again
+    with defaults to change what its loads ask for)."""
+    if spec.remote is not None:
+        raise InvalidOptions(f"{spec.name!r} is a remote model ({spec.remote.url}): its options "
+                             "are saved on that server, not here")
+
+
 def _user_spec(router: AsyncRouter, name: str) -> ModelSpec:
     """:raises InvalidOptions: ``name`` is built in (it has no registration to save into)."""
     spec = router.registry.lookup(name)
+    _not_remote(spec)
     if spec.source != "user":
         raise InvalidOptions(
             f"{name!r} is built in, so its options cannot be saved; register a name for its "
@@ -106,7 +115,10 @@ class ModelsApi:
 
     def _loaded_ctx(self) -> dict[str, int]:
         """Model name → the context size of its running process (one status snapshot)."""
-        return {s.name: s.options.ctx_size for s in self.router.status() if s.options is not None}
+        out = {s.name: s.options.ctx_size for s in self.router.status() if s.options is not None}
+        out.update((s.name, s.remote.options["ctx_size"]) for s in self.router.status()
+                   if s.remote is not None and isinstance(s.remote.options.get("ctx_size"), int))
+        return out
 
     def _context_length(self, spec: ModelSpec, loaded_ctx: dict[str, int]) -> int | None:
         """The loaded process's context size, else what a load would use now."""
@@ -270,6 +282,7 @@ class ModelsApi:
         try:
             name = served_name(self.router.registry, request.path_params["model_id"])
             spec = self.router.registry.lookup(name)
+            _not_remote(spec)
             if request.method == "GET":
                 return JSONResponse(self._options_view(spec, spec.defaults))
             if request.method == "DELETE":

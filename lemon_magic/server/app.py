@@ -12,10 +12,11 @@ as Lemonade does; a GET or HEAD on a POST route answers 405, not 404.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -51,6 +52,8 @@ from lemon_magic.server._wire import (
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
+
+T = TypeVar("T")
 
 __all__ = ("ERROR_STATUS", "MAX_BODY", "PREFIXES", "create_app")
 
@@ -137,7 +140,7 @@ class _Api:
             "recipe": "llamacpp",
             "action": result.action, "pid": result.pid, "seconds": round(result.seconds, 6),
             "load_seconds": round(result.load_seconds, 6),
-            "backend_url": f"{result.url}/v1",
+            "backend_url": result.url if result.remote else f"{result.url}/v1",
         })
 
     async def unload(self, request: Request) -> Response:
@@ -150,7 +153,10 @@ class _Api:
         body = body or {}
         model = body.get("model_name", body.get("model"))
         if "model_name" not in body and "model" not in body:
-            await self.router.unload_all()
+            try:
+                await self.router.unload_all()
+            except LemonError as exc:  # a remote that refused or did not answer (the rest went)
+                return error_response(exc)
             return JSONResponse({"status": "success", "message": "All models unloaded successfully"})
         try:
             result = await self.router.unload(served_name(self.router.registry, model))
@@ -160,7 +166,8 @@ class _Api:
             return error_response(exc)
         return JSONResponse({"status": "success", "message": "Model unloaded successfully",
                              "model_name": model, "pid": result.pid,
-                             "seconds": round(result.seconds, 6)})
+                             "seconds": round(result.seconds, 6),
+                             **({"detail": result.detail} if result.detail else {})})
 
     def _auto_load_options(self, spec: ModelSpec, asked: LoadOptions) -> LoadOptions:
         """What an inference request auto-loads ``spec`` with, as in Lemonade: the model's saved
@@ -225,8 +232,10 @@ class _Api:
                 body.pop(key, None)
             payload = {**body, "model": name}
             if not stream:
-                completion = await _requests.request(self.router, name, path, payload,
-                                                     load_options, None)
+                completion = await _unless_gone(request, functools.partial(
+                    _requests.request, self.router, name, path, payload, load_options, None))
+                if completion is None:  # the client went away: the request was ended with it
+                    return Response(status_code=499)
                 if kind == "llm":
                     self.info.stats.record(completion.response)
                 return JSONResponse({**completion.response, "model": model})
@@ -244,6 +253,34 @@ class _Api:
         self.streams[name] -= 1
         if not self.streams[name]:
             del self.streams[name]
+
+
+async def _unless_gone(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """``work()``'s result, or ``None`` if the client disconnects first (``work`` is then
+    cancelled: a backend or remote stops generating for nobody, and its lease ends)."""
+    outcome: list[T | LemonError] = []
+    async with anyio.create_task_group() as tg:
+        async def run() -> None:
+            try:
+                outcome.append(await work())
+            except LemonError as exc:
+                outcome.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run)
+        tg.start_soon(watch)
+    if not outcome:
+        return None
+    result = outcome[0]
+    if isinstance(result, LemonError):
+        raise result
+    return result
 
 
 # ----------------------------------------------------------------- errors of the HTTP layer
