@@ -11,7 +11,7 @@ from lemon_magic import _remoting
 from lemon_magic._policy import ModelState
 from lemon_magic._records import UnloadResult
 from lemon_magic._remote import parse_remote
-from lemon_magic.errors import ModelNotFound, ModelNotLoaded
+from lemon_magic.errors import InvalidOptions, ModelNotFound, ModelNotLoaded
 from lemon_magic.registry import ModelSpec
 
 if TYPE_CHECKING:
@@ -19,11 +19,21 @@ if TYPE_CHECKING:
 
 __all__ = ("register", "register_remote", "unregister")
 
+#: states in which a name cannot change between a local file and a remote
+_IN_USE = (ModelState.LOADING, ModelState.READY, ModelState.STOPPING, ModelState.UNREACHABLE)
+
 
 async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str], *, kind: str,
                    description: str, **defaults: Any) -> ModelSpec:
     """Validate and persist the registration (in a worker thread: it reads the GGUF header),
-    then drop every cached resolution."""
+    then drop every cached resolution.
+
+    :raises InvalidOptions: ``name`` is a remote model in use (unload or unregister it first).
+    """
+    remote = router._remotes.get(name)
+    if remote is not None and remote.state in _IN_USE:
+        raise InvalidOptions(f"{name!r} is a remote model, {remote.state} on {remote.remote.url}: "
+                             f"unload it (%lemon_unload {name}) or unregister it first")
     spec = await anyio.to_thread.run_sync(lambda: router.registry.register(
         name, path, kind=kind, description=description, **defaults))
     router._resolver.invalidate()
@@ -35,8 +45,15 @@ async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str],
 async def register_remote(router: AsyncRouter, name: str, url: str, remote_model: str, *,
                           api: str, api_key_env: str | None, kind: str, description: str,
                           **defaults: Any) -> ModelSpec:
-    """Validate and persist a remote registration; a local backend running under that name
-    is unloaded first (the name now means the remote's model)."""
+    """Validate and persist a remote registration.
+
+    :raises InvalidOptions: ``name`` is loaded here (unload it first), or a bad field.
+    """
+    local = router._models.get(name)
+    if local is not None and local.state in _IN_USE:
+        pid = f" (pid {local.process.pid})" if local.process else ""
+        raise InvalidOptions(f"{name!r} is {local.state} here{pid}: unload it first "
+                             f"(%lemon_unload {name})")
     remote = parse_remote(url, remote_model, api, api_key_env)
     spec = await anyio.to_thread.run_sync(lambda: router.registry.register_remote(
         name, remote, kind=kind, description=description, **defaults))
@@ -45,15 +62,8 @@ async def register_remote(router: AsyncRouter, name: str, url: str, remote_model
     if old is not None and old.spec != spec:  # another remote before: its slot (poll, belief)
         _remoting.forget(router, old, "registered anew")  # goes; the same one again keeps it
     local = router._models.get(name)
-    if local is not None:
-        if local.state not in (ModelState.UNLOADED, ModelState.FAILED):
-            try:
-                await router.unload(name, reason="registered anew as a remote model")
-            except ModelNotLoaded:
-                pass
-        if router._models.get(name) is local and local.state in (
-                ModelState.UNLOADED, ModelState.FAILED, ModelState.CRASHED):
-            del router._models[name]
+    if local is not None and local.state not in _IN_USE:  # its last run's row goes
+        del router._models[name]
     return spec
 
 

@@ -79,7 +79,8 @@ class LoadResult:
     load_seconds: float
     #: this call joined a load that another caller started
     joined: bool = False
-    #: auto-load only: requested option → (loaded, requested) where the loaded process differs
+    #: auto-load (and a remote's explicit load): requested option → (loaded, requested) where
+    #: what runs differs from what was asked
     options_differ: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
     #: for a reload: the options it replaced
     previous_options: ResolvedOptions | None = None

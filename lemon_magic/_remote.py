@@ -37,15 +37,19 @@ from urllib.parse import urlsplit
 from lemon_magic.errors import InvalidOptions
 from lemon_magic.options import LoadOptions, ResolvedOptions
 
-__all__ = ("APIS", "LLAMACPP_BACKENDS", "RemoteEntry", "RemoteLoad", "RemoteSpec", "check_remote_options",
-           "entry_from_health", "entry_from_models", "lemonade_load_body", "options_differ",
-           "parse_remote", "remote_action", "reported_options")
+__all__ = ("APIS", "LLAMACPP_BACKENDS", "REMOTE_RESERVED_FLAGS", "RemoteEntry", "RemoteLoad",
+           "RemoteSpec", "SERVER_KEY_ENVS", "check_remote_options", "entry_from_health",
+           "entry_from_models", "lemonade_load_body", "options_differ", "parse_remote",
+           "remote_action", "reported_options")
 
 Api = Literal["lemonade", "openai"]
 #: the protocols a remote may speak
 APIS: tuple[Api, ...] = ("lemonade", "openai")
 #: what ``backend`` may be for a lemonade remote (sent as ``llamacpp_backend``)
 LLAMACPP_BACKENDS = frozenset({"cpu", "vulkan", "rocm", "metal", "cuda", "system"})
+#: llama-server flags a lemonade remote sets itself (refused here, before anything is sent)
+REMOTE_RESERVED_FLAGS = frozenset({"-m", "--model", "--port", "--host", "-c", "--ctx-size",
+                                   "-mu", "--model-url", "-hf", "--hf-repo", "--api-key"})
 #: the path suffixes a lemonade URL may carry; control calls go to ``<root>/api/v1``
 _LEMONADE_PREFIXES = ("/api/v1", "/api/v0", "/v1", "/v0")
 #: the variables ``lemon-magic serve`` takes its own key from: never a remote's key
@@ -129,6 +133,9 @@ def parse_remote(url: object, remote_model: object, api: object = "lemonade",
                              "variable holding the key with --api-key-env")
     if parts.query or parts.fragment:
         raise InvalidOptions(f"remote URL {url!r} must not have a query or a fragment")
+    if api == "openai" and parts.path.strip("/") == "":
+        raise InvalidOptions(f"an openai remote's URL is its OpenAI base URL, with its path: did "
+                             f"you mean {url.rstrip('/')}/v1?")
     if not isinstance(remote_model, str) or not remote_model.strip():
         raise InvalidOptions("a remote model needs --remote-model: its name on the remote server")
     if api_key_env is not None and (not isinstance(api_key_env, str)
@@ -194,6 +201,11 @@ def lemonade_load_body(model: str, options: LoadOptions) -> dict[str, Any]:
     if options.ctx_size is not None:
         body["ctx_size"] = options.ctx_size
     if options.extra_args is not None:
+        for arg in options.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in REMOTE_RESERVED_FLAGS:
+                raise InvalidOptions(f"extra_args may not set {flag}: the remote's server sets it"
+                                     + (" (use ctx_size)" if flag in ("-c", "--ctx-size") else ""))
         body["llamacpp_args"] = shlex.join(options.extra_args)
     if options.backend is not None:
         if options.backend not in LLAMACPP_BACKENDS:
@@ -217,8 +229,8 @@ def check_remote_options(spec: RemoteSpec, options: LoadOptions) -> None:
              if getattr(options, name) is not None]
     if given:
         raise InvalidOptions(f"{spec.url} is an openai remote with no load control: it cannot "
-                             f"apply {', '.join(given)} (set them on the server itself)",
-                             model=spec.remote_model)
+                             f"apply {', '.join(given)} (set {'it' if len(given) == 1 else 'them'} "
+                             "on the server itself)", model=spec.remote_model)
 
 
 def reported_options(spec: RemoteSpec, entry: RemoteEntry | None) -> ResolvedOptions:
@@ -233,13 +245,14 @@ def reported_options(spec: RemoteSpec, entry: RemoteEntry | None) -> ResolvedOpt
 
 def options_differ(entry: RemoteEntry | None, wanted: LoadOptions) -> dict[str, tuple[Any, Any]]:
     """``{option: (reported, wanted)}`` for each option ``wanted`` sets that the remote reports
-    otherwise (what an auto-load that uses the model as it is tells the caller)."""
+    otherwise (what an auto-load that uses the model as it is tells the caller, and an explicit
+    load after which the remote does not report what was asked)."""
     if entry is None or not entry.loaded:
         return {}
     reported = {"ctx_size": entry.ctx_size, "extra_args": entry.llamacpp_args,
                 "backend": entry.llamacpp_backend}
     return {k: (v, getattr(wanted, k)) for k, v in reported.items()
-            if getattr(wanted, k) is not None and getattr(wanted, k) != v}
+            if v is not None and getattr(wanted, k) is not None and getattr(wanted, k) != v}
 
 
 def remote_action(entry: RemoteEntry | None, wanted: LoadOptions) -> Literal["noop", "load", "reload"]:

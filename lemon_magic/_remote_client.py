@@ -77,7 +77,10 @@ def _message(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:
-        return _first_line(response.text) or response.reason_phrase
+        text = response.text.strip()
+        if text.startswith("<"):  # a proxy's HTML error page: its status says it
+            return response.reason_phrase or "an HTML error page"
+        return _first_line(text) or response.reason_phrase
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
         err = err.get("message", err)
@@ -109,7 +112,8 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
     while cause is not None:
         if isinstance(cause, ssl.SSLError):
             reason = getattr(cause, "reason", None) or type(cause).__name__
-            return RemoteUnreachable(url, f"TLS failed ({reason})", model=model)
+            hint = "; does it speak plain http://?" if reason == "WRONG_VERSION_NUMBER" else ""
+            return RemoteUnreachable(url, f"TLS failed ({reason}{hint})", model=model)
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.ConnectTimeout):
         return RemoteUnreachable(url, f"no connection within {CONNECT_TIMEOUT:g} s", model=model)
@@ -123,8 +127,8 @@ def remote_error(exc: BaseException, spec: RemoteSpec, *, during: str = "call") 
             return LoadError(f"remote {url} did not finish loading {model!r} in time", model=model)
         return RemoteUnreachable(url, "no answer in time", model=model)
     if during == "inference" and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return InferenceError(f"remote {url} cut the response off mid-way "
-                              f"({_scrubbed(str(exc), spec) or type(exc).__name__})", model=model)
+        return InferenceError(f"remote {url} cut the response off mid-way ({type(exc).__name__}); "
+                              "what arrived before is partial", model=model)
     if isinstance(exc, httpx.LocalProtocolError):  # what we would have sent: never echoed
         return RemoteError(f"a request to remote {url} could not be sent ({type(exc).__name__})",
                            url=url, model=model)

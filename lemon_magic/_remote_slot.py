@@ -141,7 +141,8 @@ class RemoteSlot(InFlight):
                           previous_options=previous, remote=self.remote.url)
 
     def status(self) -> ModelStatus:
-        entry = self.entry if self.state is not _S.UNREACHABLE else None
+        # the remote's pid and options only while it serves the model for us
+        entry = self.entry if self.state in (_S.READY, _S.LOADING, _S.STOPPING) else None
         view = RemoteView(self.remote.url, self.remote.api, self.remote.remote_model,
                           entry.status if entry else None, entry.pid if entry else None,
                           dict(entry.recipe_options) if entry else {}, self.checked_at)

@@ -133,6 +133,9 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
     :raises InvalidOptions: an option the remote cannot apply (nothing is sent).
     :raises LemonError: the remote's error (unreachable, 401, load failed…), one line.
     """
+    if pin is not None:
+        raise InvalidOptions(f"{spec.name!r} is a remote model: it is never evicted here, so "
+                             "there is nothing to pin")
     began = time.monotonic()
     deadline = began + router.config.load_wait_timeout
     r = remote_slot(router, spec)
@@ -148,7 +151,7 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
         started: RemoteFlight | None = None
         if f is None and not explicit and r.state is _S.READY:  # an auto-load uses it as it is
             r.touch()
-            _apply_caller(r, requested, pin, explicit)
+            _apply_caller(r, requested, explicit)
             if acquire:
                 r.admit()
             return r.result("noop", began, wanted=wanted)
@@ -168,20 +171,18 @@ async def ensure_loaded(router: AsyncRouter, spec: ModelSpec, requested: LoadOpt
             raise f.error
         if router._remotes.get(r.name) is not r:  # registered anew meanwhile: decide again
             continue
-        _apply_caller(r, requested, pin, explicit)
+        _apply_caller(r, requested, explicit)
         if acquire:
             if r.state is not _S.READY:  # unloaded again meanwhile: decide again
                 continue
             r.admit()
-        return r.result(f.action, began, joined=f is not started,
-                        wanted=None if explicit else wanted, previous=f.previous)
+        return r.result(f.action, began, joined=f is not started, wanted=wanted,
+                        previous=f.previous)
 
 
-def _apply_caller(r: RemoteSlot, requested: LoadOptions, pin: bool | None, explicit: bool) -> None:
+def _apply_caller(r: RemoteSlot, requested: LoadOptions, explicit: bool) -> None:
     if explicit:
         r.preferred = requested
-    if pin is not None:
-        r.pinned = pin
 
 
 async def _fly(router: AsyncRouter, r: RemoteSlot, f: RemoteFlight) -> None:
@@ -306,6 +307,8 @@ async def _poll(router: AsyncRouter, r: RemoteSlot, scope: anyio.CancelScope) ->
                         or r.checked_at != asked_after):
                     continue  # a decision came while we asked: it has the fresher word
                 r.saw(entry)
+                if isinstance(r.last_error, RemoteUnreachable):
+                    r.last_error = None  # it answers: that error is over
                 if not _present(r, entry):
                     r.set_state(_S.UNLOADED, f"{r.remote.url} does not have "
                                              f"{r.remote.remote_model!r} loaded now")
@@ -380,6 +383,7 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
                 raise
             raise error from exc
     r.saw(RemoteEntry(loaded=False))
+    r.last_error = None
     if stopping:
         r.set_state(_S.UNLOADED, f"{reason} on {r.remote.url}")
     if not had and not ours:

@@ -155,11 +155,11 @@ def seconds(s: float) -> str:
 
 def describe_load(r: LoadResult) -> str:
     """One line for what a load did, as ``%lemon_load`` prints it."""
+    if r.remote is not None and (r.action != "noop" or r.backend.startswith("openai")):
+        return _describe_remote_load(r)
     if r.action == "noop":
         where = f" on {r.remote}" if r.remote else ""
         return f"already loaded with these options{where} (no-op, {seconds(r.seconds)})"
-    if r.remote is not None:
-        return _describe_remote_load(r)
     where = f"{r.backend}, pid {r.pid}, ctx {r.options.ctx_size}"
     joined = "; joined a load already in flight" if r.joined else ""
     if r.action == "reloaded" and r.previous_options is not None:
@@ -185,7 +185,10 @@ def _describe_remote_load(r: LoadResult) -> str:
     if r.backend.startswith("openai"):
         return (f"{r.model} is served by {r.remote} (listed there; an openai remote loads it "
                 f"itself) — checked in {seconds(r.seconds)}{joined}")
-    return f"{r.action} {r.model} on {r.remote} in {seconds(r.seconds)} ({', '.join(parts)}{joined})"
+    differ = "".join(f"; note: the remote reports {k} {v} (asked {asked})"
+                     for k, (v, asked) in r.options_differ.items())
+    return (f"{r.action} {r.model} on {r.remote} in {seconds(r.seconds)} "
+            f"({', '.join(parts)}{joined}){differ}")
 
 
 def load_note(r: LoadResult) -> str | None:
@@ -195,7 +198,8 @@ def load_note(r: LoadResult) -> str | None:
         return (f"note: {r.model} is loaded with {diff}; using it as it is "
                 f"(%lemon_load to reload)")
     if r.action == "loaded":
-        if r.remote is not None:
-            return f"auto-loaded {r.model} on {r.remote} in {seconds(r.seconds)}"
+        if r.remote is not None:  # an openai remote loads nothing: it was only found listed
+            return None if r.backend.startswith("openai") else \
+                f"auto-loaded {r.model} on {r.remote} in {seconds(r.seconds)}"
         return f"auto-loaded {r.model} in {seconds(r.seconds)} ({r.backend}, pid {r.pid})"
     return None

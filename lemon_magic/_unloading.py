@@ -103,7 +103,8 @@ async def unload_all(router: AsyncRouter, reason: str) -> list[UnloadResult]:
         remotes = []
         if not any(m.state in (_S.LOADING, _S.READY, _S.STOPPING) for m in router._models.values()):
             break
-    if failed:  # every other model was unloaded all the same
+    if failed:  # every other model was unloaded all the same: the error carries them
+        failed[0].unloaded = tuple(results)  # type: ignore[attr-defined]
         raise failed[0]
     return results
 

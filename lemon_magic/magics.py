@@ -128,7 +128,8 @@ class LemonMagics(CatalogMagics, Magics):
               help="a registered name or a .gguf path (default: LemonMagics.default_model)")
     @argument("--ctx-size", help="context size in tokens, or auto")
     @argument("--threads", help="CPU threads, or auto")
-    @argument("--backend", help="llama-server, llama-cpp-python or auto")
+    @argument("--backend", help="llama-server, llama-cpp-python or auto (a lemonade remote: its "
+                                "llama.cpp device, e.g. cpu, cuda, vulkan)")
     @argument("--extra-args", help='more backend flags, as one quoted string: --extra-args="--flash-attn on"')
     @argument("--chat-template", help="a chat template name the backend knows (e.g. gemma)")
     @argument("--pin", action="store_true", help="never evict this model to make room")
@@ -306,7 +307,8 @@ class LemonMagics(CatalogMagics, Magics):
     @argument("--all", action="store_true", help="unload every model")
     @line_magic
     def lemon_unload(self, line: str) -> None:
-        """Stop a model's backend (a load in flight is cancelled).
+        """Stop a model's backend (a load in flight is cancelled); a remote model is unloaded on
+        its server (an openai remote, which has no unload, is only let go here).
 
         In [1]: %lemon_unload gemma3-270m
         unloaded gemma3-270m (pid 4242) in 0.1 s
@@ -318,6 +320,10 @@ class LemonMagics(CatalogMagics, Magics):
             results = self.router.unload_all() if args.all else [self.router.unload(self._model(args.model))]
         except KeyboardInterrupt:
             raise Interrupted("stopped waiting; the unload goes on in the background") from None
+        except LemonError as exc:  # --all: say what did go before the one that failed
+            for r in getattr(exc, "unloaded", ()):
+                print(describe_unload(r))
+            raise
         if not results:
             print("nothing was loaded")
         for r in results:

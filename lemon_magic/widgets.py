@@ -322,7 +322,7 @@ class LemonPanel(w.VBox):
                 row = self._rows[s.name] = _Row(s.name)
                 self.rows_box.children = [*self.rows_box.children, row.box]
             row.show(s, now)
-        running = sum(1 for s in statuses if s.pid)
+        running = sum(1 for s in statuses if s.state in (ModelState.READY, ModelState.UNREACHABLE))
         serving = self.router.serving
         where = "" if serving is None else (f" — serving {html.escape(serving.base_url)} "
                                             f"({serving.requests_served} request"

@@ -22,7 +22,7 @@ class FakeRemote:
         self.cfg: dict[str, Any] = {
             "load_seconds": 0.0, "load_status": 200, "unload_seconds": 0.0, "unload_status": 200,
             "health_seconds": 0.0, "health_body": None, "infer_seconds": 0.0, "key": None,
-            "loaded": False, "pid": 4242}
+            "loaded": False, "pid": 4242, "error_text": "load refused here"}
         self.cfg.update(cfg)
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class FakeRemote:
                 if self.path.endswith("/load"):
                     time.sleep(cfg["load_seconds"])
                     if cfg["load_status"] != 200:
-                        return self._answer(cfg["load_status"], {"error": "load refused here"})
+                        return self._answer(cfg["load_status"], {"error": cfg["error_text"]})
                     cfg["loaded"], cfg["pid"] = True, cfg["pid"] + 1
                     return self._answer(200, {"status": "success", "action": "loaded",
                                               "pid": cfg["pid"]})

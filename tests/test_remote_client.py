@@ -47,7 +47,9 @@ def test_parse_remote_accepts_both_lemonade_spellings_and_openai() -> None:
     (("http://box:1", ""), "needs --remote-model"),
     (("http://box:1", None), "needs --remote-model"),
     (("http://box:1", "m", "ollama"), "api must be one of lemonade, openai"),
-    (("http://box:1", "m", "openai", "not a name"), "name of an environment variable"),
+    (("http://box:1/v1", "m", "openai", "not a name"), "name of an environment variable"),
+    (("http://box:1", "m", "openai"), "did you mean http://box:1/v1?"),
+    (("http://box:1", "m", "lemonade", "LEMONADE_API_KEY"), "this machine's own server"),
 ])
 def test_parse_remote_refuses_with_one_line(args: tuple[Any, ...], says: str) -> None:
     with pytest.raises(InvalidOptions) as info:

@@ -145,6 +145,7 @@ def test_unload_all_unloads_the_others_when_one_remote_is_gone(rr: Router) -> No
             rr.unload_all()
         assert "\n" not in info.value.message and gone.url in info.value.message
         assert not alive.cfg["loaded"]
+        assert [r.model for r in info.value.unloaded] == ["alive"]  # type: ignore[attr-defined]
 
 
 def test_the_key_is_read_when_sent_never_kept(rr: Router, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,3 +323,53 @@ def test_a_failed_local_model_does_not_hide_the_remote_of_that_name(
         rr.load("x")
         assert rr.unload("x").detail == f"on {fake.url}"  # was: ModelNotLoaded, the remote kept it
         assert not fake.cfg["loaded"]
+
+
+# ------------------------------------------------------------------ a user's session
+
+
+def test_a_name_in_use_does_not_switch_between_local_and_remote(rr: Router, tiny_model: str) -> None:
+    with FakeRemote() as fake:
+        rr.register("x", tiny_model)
+        pid = rr.load("x").pid
+        with pytest.raises(InvalidOptions, match=rf"'x' is ready here \(pid {pid}\): unload it first"):
+            rr.register_remote("x", fake.url, "m")  # was: the local backend stopped, silently
+        assert _state(rr, "x") is ModelState.READY
+        rr.register_remote("y", fake.url, "m")
+        rr.load("y")
+        with pytest.raises(InvalidOptions, match=r"'y' is a remote model, ready on .*: unload it"):
+            rr.register("y", tiny_model)
+        assert fake.cfg["loaded"] and _state(rr, "y") is ModelState.READY
+
+
+def test_pin_and_reserved_flags_are_refused_for_a_remote_before_anything_is_sent(rr: Router) -> None:
+    with FakeRemote() as fake:
+        rr.register_remote("m", fake.url, "m")
+        with pytest.raises(InvalidOptions, match="never evicted here"):
+            rr.load("m", pin=True)
+        with pytest.raises(InvalidOptions, match="may not set --port: the remote's server sets it"):
+            rr.load("m", extra_args=["--port", "9"])
+        assert fake.calls == []
+
+
+def test_an_unloaded_remote_row_shows_no_stale_pid_or_options(rr: Router) -> None:
+    with FakeRemote() as fake:
+        rr.register_remote("m", fake.url, "m")
+        rr.load("m")
+        [row] = [s for s in rr.status() if s.name == "m"]
+        assert row.pid == fake.cfg["pid"] and row.remote is not None and row.remote.options
+        rr.unload("m")
+        [row] = [s for s in rr.status() if s.name == "m"]
+        assert row.pid is None and row.remote is not None and row.remote.options == {}
+
+
+def test_the_remote_key_is_scrubbed_from_what_the_remote_answers(
+        rr: Router, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sk-remote-KEY-42"
+    monkeypatch.setenv(KEY_ENV, secret)
+    with FakeRemote(load_status=500, error_text=f"bad key {secret} for you") as fake:
+        rr.register_remote("m", fake.url, "m", api_key_env=KEY_ENV)
+        with pytest.raises(LemonError) as info:
+            rr.load("m")
+        assert secret not in info.value.message and "bad key *** for you" in info.value.message
+        assert info.value.model == "m"

@@ -4,6 +4,7 @@ package over a real socket), the same contract, for every kind of model. The rem
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from lemon_magic import Router, RouterConfig
 from lemon_magic.registry import Registry
+from tests.fake_remote import FakeRemote
 from tests.remotes import Proc, free_port, health, lemon, lemon_root, unload_remote
 from tests.tinygguf import write_tiny_llama
 
@@ -74,3 +76,46 @@ def test_a_remote_that_fails_is_a_bad_gateway_in_one_line(rr: Router) -> None:
             assert error["type"] == "remote_unreachable" and gone in error["message"]
             assert "\n" not in error["message"]
         assert http.get("/health").status_code == 200
+
+
+def test_remote_models_over_http_after_review(rr: Router) -> None:
+    """Routes that meant a local file refuse a remote model in one line; unload-all with a dead
+    remote is JSON; delete unloads it there; backend_url is the remote's base; an unload of an
+    openai remote says the server keeps it."""
+    with FakeRemote() as fake, FakeRemote(keepalive=False) as dead:
+        rr.register_remote("big", fake.url, "m")
+        rr.register_remote("gone", dead.url, "m")
+        base = rr.serve(port=free_port())
+        with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+            loaded = http.post("/load", json={"model_name": "big"}).json()
+            assert loaded["backend_url"] == f"{fake.url}/api/v1"
+            assert http.post("/load", json={"model_name": "gone"}).status_code == 200
+            for method, path, body in (("GET", "/models/big/options", None),
+                                       ("POST", "/models/big/options", {"ctx_size": 512}),
+                                       ("POST", "/pull", {"model_name": "big"})):
+                r = http.request(method, path, json=body)
+                assert r.status_code == 400, (path, r.text)
+                assert "remote model" in r.text
+            dead.__exit__()  # the second remote goes away
+            r = http.post("/unload", json={})
+            assert r.status_code == 502 and r.json()["error"]["type"] == "remote_unreachable"
+            assert not fake.cfg["loaded"]  # the other one went all the same
+            http.post("/load", json={"model_name": "big"})
+            deleted = http.post("/delete", json={"model_name": "big"})
+            assert deleted.status_code == 200 and not fake.cfg["loaded"]
+
+
+def test_a_non_streamed_client_that_leaves_ends_its_request(rr: Router) -> None:
+    """The client gives up: the request is ended here and at the remote (was: the remote went on
+    generating for nobody, and unloads waited for it)."""
+    with FakeRemote(infer_seconds=8.0) as fake:
+        rr.register_remote("slow", fake.url, "m")
+        rr.load("slow")
+        base = rr.serve(port=free_port())
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/completions", json={"model": "slow", "prompt": "x"}, timeout=0.5,
+                       trust_env=False)
+        deadline = time.monotonic() + 3
+        while any(s.requests_in_flight for s in rr.status()):
+            assert time.monotonic() < deadline, "the request outlived its client"
+            time.sleep(0.05)
