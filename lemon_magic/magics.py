@@ -140,7 +140,9 @@ class LemonMagics(CatalogMagics, Magics):
 
         Same options as loaded: a no-op. Other options: the old backend is
         stopped and a new one started, atomically. Concurrent loads of one
-        model share a single start.
+        model share a single start. A remote model (%lemon_register NAME
+        --remote URL) is loaded on its server, decided against what that
+        server reports it has loaded now.
 
         In [1]: %lemon_load gemma3-270m --ctx-size 4096
         loaded gemma3-270m in 0.8 s (llama-server, pid 4242, ctx 4096)
@@ -333,7 +335,8 @@ class LemonMagics(CatalogMagics, Magics):
 
     @line_magic
     def lemon_status(self, line: str) -> _render.StatusTable:
-        """Every model the router knows: state, backend, pid, options, memory, timings, errors.
+        """Every model the router knows: state, backend, pid, options, memory, timings, errors (a
+        remote model: where, and its pid and options as its server reports them).
 
         In [1]: %lemon_status
         """
