@@ -330,10 +330,11 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
     :raises RemoteError: the remote's unload failed (the state says what it believes now).
     """
     began = time.monotonic()
-    cancelled = False
+    cancelled = sent_load = False
     while True:
         f = r.flight
         if f is not None:
+            sent_load = sent_load or r.state is _S.LOADING  # its /load may go on over there
             f.cancel_reason = f"{reason} while loading"
             f.scope.cancel()
             with anyio.CancelScope(shield=True):
@@ -386,11 +387,32 @@ async def unload(router: AsyncRouter, r: RemoteSlot, reason: str) -> UnloadResul
     r.last_error = None
     if stopping:
         r.set_state(_S.UNLOADED, f"{reason} on {r.remote.url}")
+    if sent_load:
+        assert router._tg is not None
+        router._tg.start_soon(_unload_if_it_appears, router, r)
     if not had and not ours:
         raise ModelNotLoaded(r.name)
     detail = f"on {r.remote.url}" if had else f"{r.remote.url} did not have it loaded"
     return UnloadResult(r.name, pid, time.monotonic() - began, cancelled_load=cancelled,
                         detail=detail)
+
+
+async def _unload_if_it_appears(router: AsyncRouter, r: RemoteSlot) -> None:
+    """A load we cancelled may still finish on a remote that does not stop a load when its client
+    goes away: until ``remote_load_timeout`` (or our next load of it), unload it there if it shows
+    up loaded."""
+    deadline = time.monotonic() + router.config.remote_load_timeout
+    while time.monotonic() < deadline:
+        await anyio.sleep(max(router.config.remote_poll_interval, 0.05))
+        if r.flight is not None or r.following or r.retired or r.state is not _S.UNLOADED:
+            return  # someone wants it again: not ours to undo
+        try:
+            if (await r.client.health()).loaded and r.flight is None and not r.following:
+                await r.client.unload()
+                r.note(f"its cancelled load finished on {r.remote.url} anyway: unloaded it there")
+                return
+        except Exception:  # best effort (the remote may be gone, the slot retired meanwhile)
+            continue
 
 
 async def plan(router: AsyncRouter, spec: ModelSpec, requested: LoadOptions) -> Plan:

@@ -373,3 +373,18 @@ def test_the_remote_key_is_scrubbed_from_what_the_remote_answers(
             rr.load("m")
         assert secret not in info.value.message and "bad key *** for you" in info.value.message
         assert info.value.model == "m"
+
+
+def test_a_cancelled_load_that_finishes_on_the_remote_is_unloaded_there(rr: Router) -> None:
+    """A remote whose /load goes on after its client left (the fake: it ignores the disconnect):
+    the unload that cancelled it unloads it again once it shows up."""
+    with FakeRemote(load_seconds=1.5) as fake:
+        rr.register_remote("m", fake.url, "m")
+        loading = rr.load_soon("m")
+        _until(lambda: fake.count("POST", "/load") == 1)
+        assert rr.unload("m").cancelled_load
+        with pytest.raises(LoadCancelled):
+            loading.result(10)
+        # its load finished over there, and was unloaded again (a second /unload)
+        _until(lambda: fake.count("POST", "/unload") == 2 and not fake.cfg["loaded"], timeout=8)
+        assert _state(rr, "m") is ModelState.UNLOADED
