@@ -97,6 +97,7 @@ class Endpoint:
                                           response=httpx.Response(response.status_code, content=body))
             failure = remote_error(error, self.remote, during="inference")
             failure.model = reader.model  # the name our callers know it by
+            failure.remote = self.remote.url  # type: ignore[attr-defined]
             raise failure
         reader.check_status(response.status_code, body)
 
@@ -269,6 +270,7 @@ def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonErro
                               f"{timeout or 'the limit'}", model=lease.load.model)
     error = remote_error(exc, remote, during="inference")
     error.model = lease.load.model  # the name our callers know it by (not the remote's)
+    error.remote = remote.url  # type: ignore[attr-defined]  # (an HTTP server answers 502)
     return error
 
 

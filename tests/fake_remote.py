@@ -22,7 +22,7 @@ class FakeRemote:
         self.cfg: dict[str, Any] = {
             "load_seconds": 0.0, "load_status": 200, "unload_seconds": 0.0, "unload_status": 200,
             "health_seconds": 0.0, "health_body": None, "infer_seconds": 0.0, "key": None,
-            "loaded": False, "pid": 4242, "error_text": "load refused here"}
+            "loaded": False, "pid": 4242, "error_text": "load refused here", "infer_status": 200}
         self.cfg.update(cfg)
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -73,6 +73,8 @@ class FakeRemote:
                 if cfg["key"] is not None and self.headers.get("authorization") != f"Bearer {cfg['key']}":
                     return self._answer(401, {"error": {"message": "Invalid API Key"}})
                 time.sleep(cfg["infer_seconds"])
+                if cfg["infer_status"] != 200:
+                    return self._answer(cfg["infer_status"], {"error": {"message": "it broke"}})
                 choice = {"index": 0, "text": "hi", "finish_reason": "stop"}
                 if not body.get("stream"):
                     return self._answer(200, {"choices": [choice], "usage": {}})

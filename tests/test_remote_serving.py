@@ -119,3 +119,18 @@ def test_a_non_streamed_client_that_leaves_ends_its_request(rr: Router) -> None:
         while any(s.requests_in_flight for s in rr.status()):
             assert time.monotonic() < deadline, "the request outlived its client"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("remote_status", "ours"), [(500, 502), (503, 502), (404, 502), (400, 400)])
+def test_a_remote_failing_an_inference_is_a_bad_gateway(rr: Router, remote_status: int,
+                                                        ours: int) -> None:
+    """Its 5xx or 404 is a 502 here (its failure, not the client's); a 400 about the request is
+    passed on."""
+    with FakeRemote(infer_status=remote_status) as fake:
+        rr.register_remote("m", fake.url, "m")
+        base = rr.serve(port=free_port())
+        for stream in (False, True):
+            r = httpx.post(f"{base}/completions", json={"model": "m", "prompt": "x",
+                                                        "stream": stream}, trust_env=False)
+            assert r.status_code == ours, r.text
+            assert f"remote {fake.url} answered HTTP {remote_status}: it broke" in r.text

@@ -80,6 +80,9 @@ def error_response(exc: LemonError) -> JSONResponse:
     status, code = next((s, c) for cls, s, c in ERROR_STATUS if isinstance(exc, cls))
     if isinstance(exc, InferenceError) and exc.status is not None and 400 <= exc.status < 500:
         status = exc.status  # the backend refused the request itself: pass its status on
+    if isinstance(exc, InferenceError) and getattr(exc, "remote", None) and \
+            not isinstance(exc, RequestTimeout) and (exc.status in (None, 404) or exc.status >= 500):
+        status, code = 502, "remote_error"  # a remote model's server failed: a bad gateway
     if isinstance(exc, ModelNotLoaded):  # Lemonade's /unload answers a bare string
         return JSONResponse({"error": f"Model not loaded: {exc.model}"}, status)
     message = exc.render()
