@@ -134,3 +134,17 @@ def test_a_remote_failing_an_inference_is_a_bad_gateway(rr: Router, remote_statu
                                                         "stream": stream}, trust_env=False)
             assert r.status_code == ours, r.text
             assert f"remote {fake.url} answered HTTP {remote_status}: it broke" in r.text
+
+
+def test_lemonade_device_key_reaches_a_remote_model(lemon: Proc, rr: Router) -> None:
+    """``llamacpp_backend`` is the remote's device for a remote model (here: CPU only, so the
+    remote itself refuses vulkan, and says so through us); a local model still refuses it here."""
+    unload_remote(lemon)
+    rr.register_remote("big", lemon.url, "tiny")
+    base = rr.serve(port=free_port())
+    with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+        ok = http.post("/load", json={"model_name": "big", "llamacpp_backend": "cpu"})
+        assert ok.status_code == 200, ok.text
+        r = http.post("/load", json={"model_name": "big", "llamacpp_backend": "vulkan"})
+        assert r.status_code == 400 and f"remote {lemon.url} answered HTTP 400" in r.text
+        assert "vulkan" in r.text

@@ -149,9 +149,11 @@ def json_type(value: object) -> str:
     return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
 
 
-def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions:
+def lemonade_options(body: dict[str, Any], keys: tuple[str, ...], *,
+                     remote: bool = False) -> LoadOptions:
     """Load options from a body's Lemonade keys (and ours); "empty" values (-1, "", "auto",
-    null) mean unset, as in Lemonade.
+    null) mean unset, as in Lemonade. For a ``remote`` model, ``llamacpp_backend`` is the remote's
+    device (its ``backend``); here only ``cpu`` exists.
 
     :raises InvalidOptions: a value the options cannot take.
     """
@@ -175,10 +177,12 @@ def lemonade_options(body: dict[str, Any], keys: tuple[str, ...]) -> LoadOptions
             wanted["extra_args"] = given("llamacpp_args", str)
     if "llamacpp_backend" in keys:
         device = given("llamacpp_backend", str)
-        if device not in (None, "cpu"):
+        if remote and device is not None:
+            wanted["backend"] = device  # checked against the remote's devices by its load
+        elif device not in (None, "cpu"):
             raise InvalidOptions(f"llamacpp_backend {device!r} is not available here (only 'cpu')")
     for key, kind in (("backend", str), ("threads", int), ("chat_template", str)):  # ours
-        if key in keys:
+        if key in keys and (key in body or key not in wanted):
             wanted[key] = given(key, kind)
     return LoadOptions(**wanted)
 

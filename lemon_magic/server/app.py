@@ -126,7 +126,7 @@ class _Api:
             return invalid("'pinned' must be a boolean")
         try:
             name = served_name(self.router.registry, model)
-            options = lemonade_options(body, LOAD_KEYS)
+            options = lemonade_options(body, LOAD_KEYS, remote=self._is_remote(name))
             if options.extra_args and not self.security.allow_any_args:
                 check_http_args(options.extra_args)
             if save:
@@ -184,6 +184,12 @@ class _Api:
         return LoadOptions(ctx_size=o.ctx_size, threads=o.threads, backend=o.backend,
                            extra_args=o.extra_args, chat_template=o.chat_template)
 
+    def _is_remote(self, name: str) -> bool:
+        try:
+            return self.router.registry.lookup(name).remote is not None
+        except LemonError:
+            return False
+
     def _spec_or_target(self, name: str) -> ModelSpec | PullTarget:
         """The model's registration, or for a model not pulled yet what pulling it means."""
         try:
@@ -226,7 +232,8 @@ class _Api:
             if spec.kind != kind:
                 return invalid(f"model {model!r} is a{'n' if spec.kind[0] in 'ae' else ''} "
                                f"{spec.kind} model: it does not serve {path.removeprefix('/v1/')}")
-            asked = lemonade_options(body, _INFERENCE_LOAD_KEYS)
+            asked = lemonade_options(body, _INFERENCE_LOAD_KEYS,
+                                     remote=isinstance(spec, ModelSpec) and spec.remote is not None)
             load_options = self._auto_load_options(spec, asked) if isinstance(spec, ModelSpec) else asked
             for key in _INFERENCE_LOAD_KEYS:
                 body.pop(key, None)
