@@ -379,6 +379,11 @@ class LemonPanel(w.VBox):
                   "threads": str(opts.threads) if opts else _AUTO,
                   "extra_args": " ".join(opts.extra_args) if opts else "",
                   "backend": opts.backend if opts and opts.backend in self.backend.options else _AUTO}
+        if status and status.remote is not None and status.state is ModelState.READY:
+            reported = status.remote.options  # what its server runs (the rest is the server's)
+            ctx = reported.get("ctx_size")
+            values.update(ctx_size=str(ctx) if isinstance(ctx, int) else _AUTO,
+                          extra_args=str(reported.get("llamacpp_args") or ""))
         with self._edit_lock:
             self._user_edits = {n: e for n, e in self._user_edits.items() if e[0] > asked}
         for name, value in values.items():

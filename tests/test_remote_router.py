@@ -455,6 +455,9 @@ def test_panel_row_and_warning_for_a_remote_model(lemon: Proc, rr: Router) -> No
         if "big" not in panel.model.options:
             panel.model.options = [*panel.model.options, "big"]
         panel.model.value = "big"
+        panel.wait_idle()
+        assert panel.ctx_size.value == "256"  # prefilled with what the remote reports
+        assert "no change (no-op)" in panel.banner.value
         panel.ctx_size.value = "512"
         panel.wait_idle()
         assert "will reload big: ctx_size 256 → 512" in panel.banner.value
