@@ -234,7 +234,7 @@ class LemonMagics(CatalogMagics, Magics):
         if args.no_stream or not self.stream:
             completion = self._run_whole(call, sampling)
         else:
-            completion = self._run_streamed(call, sampling)
+            completion = self._run_streamed(call, sampling, args.output)
         if args.output:
             self._user_ns[args.output] = InferenceText(completion.text if completion else "",
                                                             completion)
@@ -253,9 +253,11 @@ class LemonMagics(CatalogMagics, Magics):
             raise Interrupted("output stopped; the text above is partial") from None
         return completion
 
-    def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion | None:
+    def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any],
+                      output: str | None = None) -> Completion | None:
         out = sys.stdout
         stream = call(stream=True, **sampling)  # starts nothing yet
+        parts: list[str] = []
         with stream:
             try:
                 load = stream.wait_loaded()
@@ -263,6 +265,7 @@ class LemonMagics(CatalogMagics, Magics):
                 if note:
                     print(note)
                 for chunk in stream:
+                    parts.append(chunk)
                     out.write(chunk)
                     out.flush()
             except KeyboardInterrupt as exc:  # from the stream, or Stop while printing
@@ -271,6 +274,9 @@ class LemonMagics(CatalogMagics, Magics):
                                              "stream" if stream.load else "load")
                 if exc.phase != "load":
                     out.write("\n")
+                if output and parts:  # the partial text is kept, as on the screen
+                    self._user_ns[output] = InferenceText("".join(parts), None)
+                    out.write(f"(the partial text is in {output})\n")
                 raise _interrupted(exc) from None
         out.write("\n")
         done: Completion | None = stream.completion

@@ -235,11 +235,12 @@ def test_stop_during_a_stream(ip: InteractiveShell, router: Router, tiny_model: 
     main = threading.get_ident()
     threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
     began = time.monotonic()
-    err = run(ip, f"%%lemon_infer -m {tiny_model}\nhello")
+    err = run(ip, f"%%lemon_infer -m {tiny_model} -o story\nhello")
     assert isinstance(err, Interrupted) and time.monotonic() - began < 4
     out = capsys.readouterr().out
-    assert out.startswith("fake text\n")  # the partial text stays
+    assert out.startswith("fake text\n(the partial text is in story)\n")  # the partial text stays
     assert "interrupted: generation stopped" in out
+    assert ip.user_ns["story"] == "fake text" and ip.user_ns["story"].completion is None
     # the interrupted stream gave its request back (the router says so), the model still serves
     events.wait_for(lambda e: e.model == tiny_model and e.detail == "idle", timeout=10)
     [s] = router.status()
