@@ -148,9 +148,6 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
     """
     if router._closed:
         raise RouterClosed()
-    if name is None and _is_remote(router.registry, model):
-        raise InvalidOptions(f"{model!r} is a remote model: its server has its files, there is "
-                             "nothing to pull")
     if name is None and _is_local(router.registry, model):  # nothing to pull: say where it is
         spec = await router._spec(model)
         return PullResult(spec.name, "", str(spec.path), spec.path.stat().st_size, 0, 0.0)
@@ -164,20 +161,19 @@ async def pull(router: AsyncRouter, model: str, name: str | None) -> PullResult:
     return await router._pulls.pull(target)
 
 
-def _is_remote(registry: Registry, name: str) -> bool:
-    try:
-        return registry.lookup(name).remote is not None
-    except LemonError:
-        return False
-
-
 def _is_local(registry: Registry, name: str) -> bool:
-    """Whether ``name`` is the built-in model or a registration of a local file (not pulled)."""
+    """Whether ``name`` is the built-in model or a registration of a local file (not pulled).
+
+    :raises InvalidOptions: ``name`` is a remote model (its server has its files).
+    """
     try:
         spec = registry.lookup(name)
     except LemonError:
         return False
-    return spec.source in ("builtin", "user") and spec.checkpoint is None and spec.remote is None
+    if spec.remote is not None:
+        raise InvalidOptions(f"{name!r} is a remote model: its server has its files, there is "
+                             "nothing to pull")
+    return spec.source in ("builtin", "user") and spec.checkpoint is None
 
 
 def registered_target(registry: Registry, name: str) -> PullTarget | None:

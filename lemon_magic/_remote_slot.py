@@ -80,7 +80,6 @@ class RemoteSlot(InFlight):
         self.flight: RemoteFlight | None = None
         #: options of the last explicit load: what an auto-load asks for
         self.preferred = LoadOptions()
-        self.pinned = False  # kept for the API's sake: a remote model is never evicted here
         self.load_seconds: float | None = None
         self.last_error: LemonError | None = None
         #: what happened to it, newest last (``log_tail``: a remote model has no local log)
@@ -149,7 +148,7 @@ class RemoteSlot(InFlight):
         now_wall, now = time.time(), time.monotonic()
         return ModelStatus(
             self.name, self.spec.kind, self.state, f"{self.remote.api} remote",
-            view.pid, self.remote.base_url, None, None, self.pinned, self.load_seconds,
+            view.pid, self.remote.base_url, None, None, False, self.load_seconds,
             self.last_used_wall, self.busy, self.last_error.render() if self.last_error else None,
             tuple(self.notes)[-20:], now_wall - (now - self.state_since), remote=view)
 

@@ -95,10 +95,7 @@ class Endpoint:
         if self.remote is not None:
             error = httpx.HTTPStatusError("", request=response.request,
                                           response=httpx.Response(response.status_code, content=body))
-            failure = remote_error(error, self.remote, during="inference")
-            failure.model = reader.model  # the name our callers know it by
-            failure.remote = self.remote.url  # type: ignore[attr-defined]
-            raise failure
+            raise _remote_inference_error(error, self.remote, reader.model)
         reader.check_status(response.status_code, body)
 
     def url(self, path: str) -> str:
@@ -268,9 +265,15 @@ def _remote_failure(exc: BaseException, lease: Lease, timeout: str) -> LemonErro
             not isinstance(exc, httpx.ConnectTimeout):
         return RequestTimeout(f"remote {remote.url} gave no answer for {lease.load.model!r} within "
                               f"{timeout or 'the limit'}", model=lease.load.model)
+    return _remote_inference_error(exc, remote, lease.load.model)
+
+
+def _remote_inference_error(exc: BaseException, remote: RemoteSpec, model: str) -> LemonError:
+    """The remote boundary's error, named as our callers know the model (not the remote's name),
+    and marked as the remote's (an HTTP server answers it with a 502)."""
     error = remote_error(exc, remote, during="inference")
-    error.model = lease.load.model  # the name our callers know it by (not the remote's)
-    error.remote = remote.url  # type: ignore[attr-defined]  # (an HTTP server answers 502)
+    error.model = model
+    error.remote = remote.url  # type: ignore[attr-defined]
     return error
 
 

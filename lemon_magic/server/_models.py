@@ -115,9 +115,12 @@ class ModelsApi:
 
     def _loaded_ctx(self) -> dict[str, int]:
         """Model name → the context size of its running process (one status snapshot)."""
-        out = {s.name: s.options.ctx_size for s in self.router.status() if s.options is not None}
-        out.update((s.name, s.remote.options["ctx_size"]) for s in self.router.status()
-                   if s.remote is not None and isinstance(s.remote.options.get("ctx_size"), int))
+        out = {}
+        for s in self.router.status():
+            ctx = s.options.ctx_size if s.options is not None else \
+                s.remote.options.get("ctx_size") if s.remote is not None else None
+            if isinstance(ctx, int):
+                out[s.name] = ctx
         return out
 
     def _context_length(self, spec: ModelSpec, loaded_ctx: dict[str, int]) -> int | None:

@@ -126,7 +126,8 @@ class _Api:
             return invalid("'pinned' must be a boolean")
         try:
             name = served_name(self.router.registry, model)
-            options = lemonade_options(body, LOAD_KEYS, remote=self._is_remote(name))
+            options = lemonade_options(body, LOAD_KEYS, remote="llamacpp_backend" in body
+                                       and self._is_remote(name))  # no file read on a no-op
             if options.extra_args and not self.security.allow_any_args:
                 check_http_args(options.extra_args)
             if save:
