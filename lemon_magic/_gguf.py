@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from lemon_magic.errors import InvalidModelFile
 
-__all__ = ("GGUFInfo", "read_gguf_info")
+__all__ = ("GGUFInfo", "read_gguf_info", "special_tokens")
 
 _MAGIC = b"GGUF"
 # value type -> struct format of a scalar (8 = string and 9 = array are handled apart)
@@ -173,3 +173,45 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFInfo:
                     head_count_kv=get(".attention.head_count_kv"),
                     key_length=get(".attention.key_length"),
                     value_length=get(".attention.value_length"), has_chat_template=has_template)
+
+
+@lru_cache(maxsize=8)
+def special_tokens(path: str) -> tuple[str, str]:
+    """The text of the BOS and EOS tokens of the GGUF file ``path`` (``""`` if it names none);
+    reads the whole vocabulary, so only for what needs it (a template file on llama-cpp-python).
+
+    :raises InvalidModelFile: not a readable GGUF file.
+    """
+    ids: dict[str, int] = {}
+    tokens: list[str] = []
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise InvalidModelFile(path, f"cannot be read ({exc.strerror})") from None
+    with f:
+        r = _Reader(f, path)
+        if f.read(4) != _MAGIC:
+            raise InvalidModelFile(path, "is not a GGUF file (its first bytes are not 'GGUF')")
+        r.scalar("<I")
+        r.scalar("<Q")
+        n_kv = int(r.scalar("<Q"))  # type: ignore[call-overload]
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = int(r.scalar("<I"))  # type: ignore[call-overload]
+            if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
+                itype = int(r.scalar("<I"))  # type: ignore[call-overload]
+                count = int(r.scalar("<Q"))  # type: ignore[call-overload]
+                if itype != _STRING:
+                    raise InvalidModelFile(path, "is corrupt (its tokens are not strings)")
+                tokens = [r.string() for _ in range(count)]
+                continue
+            value = r.value(vtype)
+            if key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id") and \
+                    isinstance(value, int):
+                ids[key.split(".")[2]] = value
+
+    def text(name: str) -> str:
+        i = ids.get(name)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else ""
+
+    return text("bos_token_id"), text("eos_token_id")

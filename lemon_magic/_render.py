@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lemon_magic._records import LoadResult, ModelEntry, ModelStatus, PullResult, UnloadResult
+from lemon_magic._templates import template_label
 
 if TYPE_CHECKING:
     from lemon_magic.server.serve import ServingInfo
@@ -38,7 +39,7 @@ def _options(s: ModelStatus) -> str:
         return ""
     parts = [f"ctx {s.options.ctx_size}", f"threads {s.options.threads}"]
     if s.options.chat_template:
-        parts.append(f"template {s.options.chat_template}")
+        parts.append(f"template {template_label(s.options.chat_template)}")
     if s.options.extra_args:
         parts.append(" ".join(s.options.extra_args))
     return ", ".join(parts)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.to_thread
 
+from lemon_magic._templates import resolve_template
 from lemon_magic.backends import Backend
 from lemon_magic.errors import BackendUnavailable, InvalidOptions
 from lemon_magic.options import DEFAULT_CTX_SIZE, LoadOptions, ResolvedOptions, default_threads
@@ -136,6 +137,7 @@ class Resolver:
         self.backend(backend).check_extra_args(extra)
         resolved = ResolvedOptions(backend=backend, ctx_size=ctx,
                                    threads=opts.threads or self._threads, extra_args=extra,
-                                   chat_template=opts.chat_template, model_path=str(spec.path))
+                                   chat_template=resolve_template(opts.chat_template),
+                                   model_path=str(spec.path))
         self._options[key] = resolved
         return resolved

@@ -9,6 +9,7 @@ max_tokens, ...) are per request and are never load options.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -78,6 +79,22 @@ def _split_args(value: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_template(value: object) -> None:
+    from lemon_magic._templates import is_template_file
+
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidOptions(f"chat_template must be a template name or a .jinja file, got {value!r}")
+    if is_template_file(value):
+        if set(value) & set("\n\r\0"):
+            raise InvalidOptions(f"chat_template file name {value!r} contains a line break")
+    elif not _TEMPLATE_NAME.fullmatch(value):
+        raise InvalidOptions(f"chat_template must be a template name (letters, digits, '.', '-', "
+                             f"'_'; e.g. gemma, chatml) or a .jinja file, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Load options as requested; ``None`` means "use the default" (also spelled ``"auto"``).
@@ -86,7 +103,9 @@ class LoadOptions:
     :param threads: CPU threads for generation.
     :param backend: ``"llama-server"`` or ``"llama-cpp-python"``.
     :param extra_args: more backend flags, as a list or a shell-like string (never run by a shell).
-    :param chat_template: a chat template name the backend knows (for example ``"gemma"``).
+    :param chat_template: the name of a chat template the backend has built in (llama.cpp's
+        ``gemma``, ``chatml``, ...), or a Jinja template file (a path with a ``/`` or ending
+        in ``.jinja``).
     """
 
     ctx_size: int | None = None
@@ -105,10 +124,8 @@ class LoadOptions:
             raise InvalidOptions(f"backend must be a backend name or 'auto', got {self.backend!r}")
         if self.extra_args is not None:
             set_(self, "extra_args", _split_args(self.extra_args))
-        if self.chat_template is not None and (
-                not isinstance(self.chat_template, str) or not self.chat_template.strip()
-                or set(self.chat_template) & _SHELL_CHARS):
-            raise InvalidOptions(f"chat_template must be a template name, got {self.chat_template!r}")
+        if self.chat_template is not None:
+            _check_template(self.chat_template)
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> LoadOptions:

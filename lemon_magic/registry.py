@@ -26,6 +26,7 @@ from lemon_magic._paths import cache_dir, config_dir
 from lemon_magic._policy import ModelState
 from lemon_magic._records import ModelEntry
 from lemon_magic._remote import RemoteSpec, check_remote_options, parse_remote
+from lemon_magic._templates import gemma3_template
 from lemon_magic.errors import InvalidModelFile, InvalidOptions, LemonError, ModelNotFound
 from lemon_magic.options import LoadOptions
 
@@ -211,7 +212,7 @@ class Registry:
         """
         if name == DEFAULT_MODEL:
             return ModelSpec(DEFAULT_MODEL, embedded_target(), "llm",
-                             LoadOptions(chat_template="gemma"), "builtin",
+                             LoadOptions(chat_template=str(gemma3_template())), "builtin",
                              "Gemma 3 270M base model, Q4_K_M (embedded in a PyPI package)")
         return self._lookup(name)
 

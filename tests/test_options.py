@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lemon_magic import InvalidOptions, LoadOptions, ResolvedOptions, Router
+from lemon_magic._templates import gemma3_template
 
 
 def test_auto_and_none_are_the_same_request() -> None:
@@ -45,4 +46,4 @@ def test_resolution_fills_defaults_from_model_and_router(router: Router, tiny_mo
     assert resolved == ar.resolve(spec, LoadOptions(ctx_size=4096, backend=resolved.backend,
                                                     threads=resolved.threads))
     gemma = ar.resolve(ar.registry.resolve("gemma3-270m"), LoadOptions())
-    assert gemma.chat_template == "gemma"
+    assert gemma.chat_template == str(gemma3_template())  # Gemma 3's own Jinja file (issue 17)

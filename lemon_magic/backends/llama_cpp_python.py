@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from lemon_magic._gguf import special_tokens
+from lemon_magic._templates import is_template_file, llama_cpp_python_config
 from lemon_magic.backends.base import Backend
 from lemon_magic.errors import BackendUnavailable
 from lemon_magic.options import ResolvedOptions
@@ -19,7 +21,8 @@ class LlamaCppPython(Backend):
     name = "llama-cpp-python"
     health_path = "/v1/models"
     reserved_flags = frozenset({"--model", "--host", "--port", "--n_ctx", "--n_threads",
-                                "--chat_format", "--config_file", "--api_key"})
+                                "--chat_format", "--hf_tokenizer_config_path", "--config_file",
+                                "--api_key"})
 
     def __init__(self, python: str | None = None) -> None:
         self._python = python or sys.executable
@@ -35,8 +38,14 @@ class LlamaCppPython(Backend):
         argv = [*self.command(), "--model", str(model_path), "--host", "127.0.0.1",
                 "--port", str(port), "--n_ctx", str(options.ctx_size),
                 "--n_threads", str(options.threads)]
-        if options.chat_template:
-            argv += ["--chat_format", options.chat_template]
+        template = options.chat_template
+        if template and is_template_file(template):
+            # its only way to a template file: a tokenizer_config.json (see llama_cpp_python_config)
+            bos, eos = special_tokens(str(model_path))
+            config = llama_cpp_python_config(template, bos, eos)
+            argv += ["--chat_format", "hf-tokenizer-config", "--hf_tokenizer_config_path", str(config)]
+        elif template:
+            argv += ["--chat_format", template]
         return [*argv, *options.extra_args]
 
     def kind_args(self, kind: str, options: ResolvedOptions) -> list[str]:

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lemon_magic._templates import is_template_file
 from lemon_magic.backends.base import Backend
 from lemon_magic.errors import BackendUnavailable
 from lemon_magic.options import ResolvedOptions
@@ -23,7 +24,8 @@ class LlamaServer(Backend):
     name = "llama-server"
     health_path = "/health"
     reserved_flags = frozenset({"-m", "--model", "--port", "--host", "-c", "--ctx-size",
-                                "-t", "--threads", "--chat-template", "--jinja", "--no-jinja",
+                                "-t", "--threads", "--chat-template", "--chat-template-file",
+                                "--jinja", "--no-jinja",
                                 "-mu", "--model-url", "-hf", "--hf-repo", "--api-key"})
     port_in_use_markers = ("couldn't bind", "address already in use")
 
@@ -59,8 +61,14 @@ class LlamaServer(Backend):
     def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
         argv = [*self.command(), "-m", str(model_path), "--ctx-size", str(options.ctx_size),
                 "--port", str(port), "--host", "127.0.0.1", "--threads", str(options.threads)]
-        if options.chat_template:
-            argv += ["--chat-template", options.chat_template]
+        template = options.chat_template
+        if template and is_template_file(template):
+            argv += ["--jinja", "--chat-template-file", template]
+        elif template:
+            # llama.cpp reads --chat-template as Jinja text while --jinja is on, and this build
+            # turns it on by default: a name ("gemma") then renders as that one word (issue 17).
+            # Only the legacy renderer takes built-in names (tools then need a template file)
+            argv += ["--no-jinja", "--chat-template", template]
         else:
             argv.append("--jinja")
         return [*argv, *options.extra_args]

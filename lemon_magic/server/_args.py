@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import re
 
+from lemon_magic._templates import gemma3_template, is_template_file
 from lemon_magic.errors import InvalidOptions
+from lemon_magic.options import LoadOptions
 
-__all__ = ("SAFE_FLAGS", "check_http_args")
+__all__ = ("SAFE_FLAGS", "check_http_args", "check_http_options")
 
 #: flags (both backends' spellings) that neither touch files nor the network
 SAFE_FLAGS = frozenset({
@@ -50,3 +52,17 @@ def check_http_args(args: tuple[str, ...]) -> None:
                 f"llamacpp_args may not set {flag} over HTTP: only flags that tune speed, memory "
                 "or sampling are allowed (flags that read or write files, reach the network or "
                 "run commands need a server started with --allow-any-backend-args)")
+
+
+def check_http_options(options: LoadOptions) -> None:
+    """:raises InvalidOptions: a flag :func:`check_http_args` refuses, or a ``chat_template``
+    that is a file (llama-server would read any file the server can, and render it back), but the
+    embedded model's own."""
+    if options.extra_args:
+        check_http_args(options.extra_args)
+    if options.chat_template is not None and is_template_file(options.chat_template) and \
+            options.chat_template != str(gemma3_template()):  # lemon_magic's own is no secret
+        raise InvalidOptions(
+            f"chat_template may not name a file over HTTP ({options.chat_template!r}): only a "
+            "template name the backend has built in (e.g. gemma, chatml); a file needs a server "
+            "started with --allow-any-backend-args")

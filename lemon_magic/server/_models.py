@@ -26,7 +26,7 @@ from lemon_magic._records import ModelEntry, PullResult
 from lemon_magic.errors import InvalidOptions, LemonError, ModelNotFound, PullError, RepoNotFound
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
-from lemon_magic.server._args import check_http_args
+from lemon_magic.server._args import check_http_options
 from lemon_magic.server._wire import (
     LOAD_KEYS,
     SAVED_KEYS,
@@ -299,8 +299,8 @@ class ModelsApi:
             if refused is not None:
                 return refused
             options = lemonade_options(body, LOAD_KEYS)
-            if options.extra_args and not self.allow_any_args:
-                check_http_args(options.extra_args)
+            if not self.allow_any_args:
+                check_http_options(options)
             spec = _user_spec(self.router, name)
             merged = _merged(spec, body, options)
             view = self._options_view(spec, merged)  # refuses values the model cannot take

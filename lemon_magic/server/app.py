@@ -31,7 +31,7 @@ from lemon_magic._records import ModelStatus
 from lemon_magic.errors import InvalidModelFile, LemonError, ModelNotFound, ModelNotLoaded
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import ModelSpec
-from lemon_magic.server._args import check_http_args
+from lemon_magic.server._args import check_http_options
 from lemon_magic.server._guard import Guard, Security
 from lemon_magic.server._info import InfoApi, live
 from lemon_magic.server._models import ModelsApi, save_options
@@ -128,8 +128,8 @@ class _Api:
             name = served_name(self.router.registry, model)
             options = lemonade_options(body, LOAD_KEYS, remote="llamacpp_backend" in body
                                        and self._is_remote(name))  # no file read on a no-op
-            if options.extra_args and not self.security.allow_any_args:
-                check_http_args(options.extra_args)
+            if not self.security.allow_any_args:
+                check_http_options(options)
             if save:
                 await save_options(self.router, name, body, options)
             result = (self.router._try_noop(name, options) if pinned is None else None) or \
