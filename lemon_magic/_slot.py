@@ -188,7 +188,8 @@ class Slot(InFlight):
             port = free_port()
             argv = [*backend.argv(self.spec.path, self.options, port),
                     *backend.kind_args(self.spec.kind, self.options)]
-            self.process = BackendProcess.spawn(self.name, argv, port, log_lines=config.log_lines,
+            self.process = BackendProcess.spawn(self.name, argv, port, env=backend.environment(),
+                                                cwd=backend.workdir(), log_lines=config.log_lines,
                                                 request_timeout=config.request_timeout,
                                                 owner=self._owner)
             self._on_spawn()

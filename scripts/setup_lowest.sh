@@ -4,9 +4,8 @@
 # .ci/run. Needs ./.venv (scripts/setup.sh) for the generator and reuses the llama-server that
 # scripts/setup.sh built into the cache.
 #
-# llama-cpp-python is left out on purpose: it is pinned (==), so its lowest version is the one the
-# main venv already tests, and installing it here would compile it from source for this Python
-# (5-10 minutes). The tests this venv runs use llama-server only (.ci/run deselects the
+# The optional llama-cpp-python backend (an extra, pinned ==) is left out: its only version is the
+# one the main venv tests. The tests this venv runs use llama-server only (.ci/run deselects the
 # llama-cpp-python backend).
 #
 # The interpreter: $LOWEST_PYTHON if set, else pythonX.Y on PATH, else pyenv's X.Y.* (part of this
@@ -35,7 +34,7 @@ if [ -x .venv-lowest/bin/python ] && ! is_floor .venv-lowest/bin/python; then
     rm -rf .venv-lowest
 fi
 [ -x .venv-lowest/bin/python ] || "$python" -m venv .venv-lowest
-.venv/bin/python scripts/lowest_requirements.py --exclude llama-cpp-python \
+.venv/bin/python scripts/lowest_requirements.py \
     --with pytest --with pytest-timeout --with gguf --with numpy --with openai -o .venv-lowest/lowest.txt
 .venv-lowest/bin/python -m pip install --quiet --upgrade pip
 # Runtime floors and test tools in one resolve: a test tool that needs a newer runtime dependency

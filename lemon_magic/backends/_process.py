@@ -119,7 +119,8 @@ def _resolve_program(program: str, env: dict[str, str] | None) -> str:
     return found
 
 
-def _popen(argv: Sequence[str], env: dict[str, str] | None, via: _PdeathsigVia) -> subprocess.Popen[bytes]:
+def _popen(argv: Sequence[str], env: dict[str, str] | None, via: _PdeathsigVia,
+           cwd: str | os.PathLike[str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session, its stdout and stderr on one pipe, PDEATHSIG set ``via``."""
     argv = list(argv)
     preexec = None
@@ -134,7 +135,7 @@ def _popen(argv: Sequence[str], env: dict[str, str] | None, via: _PdeathsigVia) 
         preexec = functools.partial(_child_setup, parent)
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                            close_fds=True, preexec_fn=preexec)
+                            cwd=cwd, close_fds=True, preexec_fn=preexec)
 
 
 # The live backends of each owner (an int the caller chooses, such as id(router)); guarded by a
@@ -228,7 +229,8 @@ class BackendProcess:
 
     @classmethod
     def spawn(cls, model: str, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None,
-              log_lines: int = 400, request_timeout: float = 600.0, owner: int = 0) -> BackendProcess:
+              cwd: str | os.PathLike[str] | None = None, log_lines: int = 400,
+              request_timeout: float = 600.0, owner: int = 0) -> BackendProcess:
         """Start ``argv`` (never through a shell) in its own session with PDEATHSIG set.
 
         The backend is recorded as live for ``owner`` until :meth:`stop` or
@@ -256,7 +258,7 @@ class BackendProcess:
         :raises BackendStartError: the program could not be executed.
         """
         try:
-            popen = _popen(argv, env, _pdeathsig_via())
+            popen = _popen(argv, env, _pdeathsig_via(), cwd)
         except OSError as exc:
             raise BackendStartError(f"cannot start the backend of {model!r}: {argv[0]}: "
                                     f"{exc.strerror or exc}", model=model) from exc

@@ -34,6 +34,14 @@ class Backend(ABC):
         :raises BackendUnavailable: the program is missing or not runnable.
         """
 
+    def environment(self) -> dict[str, str] | None:
+        """The environment the process gets (``None``: this process's own)."""
+        return None
+
+    def workdir(self) -> Path | None:
+        """The folder the process starts in (``None``: this process's own)."""
+        return None
+
     def available(self) -> bool:
         """Whether :meth:`command` would succeed."""
         try:
