@@ -99,8 +99,16 @@ class Endpoint:
         reader.check_status(response.status_code, body)
 
     def url(self, path: str) -> str:
-        """The URL of an OpenAI ``path`` (``/v1/chat/completions``) on this endpoint."""
-        return self.base + path.removeprefix("/v1")
+        """The URL of an OpenAI ``path`` (``/v1/chat/completions``) on this endpoint, or of one
+        of llama-server's own routes (``/tokenize``): at a local backend's root, under a
+        Lemonade-style remote's prefix, at the root of an OpenAI-style remote's ``/v1``."""
+        if path.startswith("/v1/"):
+            return self.base + path.removeprefix("/v1")
+        if self.process is not None:
+            return self.process.url + path
+        if self.remote is not None and self.remote.api == "openai":
+            return self.base.removesuffix("/").removesuffix("/v1") + path
+        return self.base + path
 
     def body(self, payload: dict[str, Any]) -> dict[str, Any]:
         return payload if self.model is None else {**payload, "model": self.model}
@@ -129,6 +137,10 @@ class Lease:
 def timeouts(seconds: float) -> httpx.Timeout:
     """httpx's per-operation timeouts for one request: ``seconds`` for each read and write."""
     return httpx.Timeout(seconds, connect=5.0)
+
+
+#: the events that end a stream of the Responses API (``/v1/responses``), which has no ``[DONE]``
+_RESPONSE_ENDS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 
 
 class ResponseReader:
@@ -164,6 +176,8 @@ class ResponseReader:
             return None
         if isinstance(event, dict):
             self.last = event
+            if event.get("type") in _RESPONSE_ENDS:  # the Responses API sends no [DONE]
+                self.done = True
             return self._acc.add_event(event)
         return None
 
@@ -367,10 +381,10 @@ async def events(router: AsyncRouter, model: str, path: str, payload: dict[str, 
                 endpoint.check_status(reader, response, await response.aread())
             async for line in response.aiter_lines():
                 text = reader.feed_line(line)
-                if reader.done:
-                    break
                 if reader.last is not None:
                     yield Event(reader.last, text, reader.finish_reason)
+                if reader.done:
+                    break
             reader.finish()
 
 

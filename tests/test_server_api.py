@@ -46,9 +46,10 @@ def test_embeddings_through_the_openai_client(served_emb: Served) -> None:
 
 def test_models_of_the_wrong_kind_are_refused_before_anything_loads(served_emb: Served) -> None:
     client = served_emb.openai()
-    with pytest.raises(openai.BadRequestError, match="does not serve embeddings"):
+    with pytest.raises(openai.BadRequestError, match="'tiny' is an LLM: it does not serve embeddings"):
         client.embeddings.create(model="tiny", input="x")
-    with pytest.raises(openai.BadRequestError, match="does not serve chat/completions"):
+    with pytest.raises(openai.BadRequestError,
+                       match="'emb' is an embedding model: it does not serve chat/completions"):
         client.chat.completions.create(model="emb", messages=[{"role": "user", "content": "x"}])
     r = served_emb.http.post("/embeddings", json={"model": "emb", "input": "x", "stream": True})
     assert r.status_code == 400 and "cannot be streamed" in r.text

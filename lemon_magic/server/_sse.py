@@ -121,16 +121,26 @@ class EventStream:
             try:
                 async for event in self.events:
                     await self._first_seen()
-                    data = {**event.data, "model": self.model}
+                    data = self._named(event.data)
                     self.on_event(data)
-                    await self._write(send, b"data: " + json.dumps(data, separators=(",", ":")).encode()
-                                      + b"\n\n")
+                    kind = data.get("type")  # the Responses API names each event
+                    head = f"event: {kind}\n".encode() if isinstance(kind, str) else b""
+                    line = json.dumps(data, separators=(",", ":")).encode()
+                    await self._write(send, head + b"data: " + line + b"\n\n")
             except LemonError as exc:
                 await self._first_seen()
                 await self._fail(exc, send)
                 return
         await self._first_seen()
         await self._write(send, b"data: [DONE]\n\n", more=False)
+
+    def _named(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The event with ``model`` as the client named it (a Responses API event carries it
+        in its ``response``, if anywhere)."""
+        inner = data.get("response")
+        if isinstance(inner, dict):
+            return {**data, "response": {**inner, "model": self.model}} if "model" in inner else data
+        return {**data, "model": self.model}
 
     async def _fail(self, exc: LemonError, send: Send) -> None:
         answer = self.error_response(exc)

@@ -61,6 +61,8 @@ __all__ = ("ERROR_STATUS", "MAX_BODY", "PREFIXES", "create_app")
 PREFIXES = ("/api/v0", "/api/v1", "/v0", "/v1")
 #: the only load option an inference body may carry (Lemonade's allow-list)
 _INFERENCE_LOAD_KEYS = ("ctx_size",)
+#: how a wrong-kind refusal names a model's kind
+_KIND_NAMES = {"llm": "an LLM", "embedding": "an embedding model", "reranking": "a reranking model"}
 
 
 @dataclass
@@ -210,40 +212,61 @@ class _Api:
     async def embeddings(self, request: Request) -> Response | EventStream:
         return await self._infer(request, "/v1/embeddings", "embedding")
 
-    async def _infer(self, request: Request, path: str, kind: str) -> Response | EventStream:
+    async def responses(self, request: Request) -> Response | EventStream:
+        return await self._infer(request, "/v1/responses", "llm")
+
+    # llama-server's own routes (at its root), for the model the body names
+    async def tokenize(self, request: Request) -> Response | EventStream:
+        return await self._infer(request, "/tokenize", None)
+
+    async def detokenize(self, request: Request) -> Response | EventStream:
+        return await self._infer(request, "/detokenize", None)
+
+    async def apply_template(self, request: Request) -> Response | EventStream:
+        return await self._infer(request, "/apply-template", "llm")
+
+    async def _infer(self, request: Request, path: str, kind: str | None) -> Response | EventStream:
         """One inference request: auto-load (never a reload), then the backend's answer as it
-        is (``model`` as the client named it), whole or streamed."""
+        is (``model`` as the client named it), whole or streamed. ``kind`` ``None``: a route
+        every kind of model serves, never streamed."""
         body = await read_body(request)
         assert body is not None
         model = body.get("model")
         if model is None:
-            loaded = [s for s in self._loaded() if s.kind == kind]
+            loaded = [s for s in self._loaded() if kind is None or s.kind == kind]
             if not loaded:
                 return bad("No model loaded and no model specified in request")
             model = loaded[0].name
         if not isinstance(model, str):
             return invalid("'model' must be a string (a model name)")
+        streams = kind == "llm" and path.startswith("/v1/")
         stream = body.pop("stream", False)
-        if not isinstance(stream, bool) or (stream and kind != "llm"):
-            return invalid("'stream' must be a boolean" if kind == "llm" else
+        if not isinstance(stream, bool) or (stream and not streams):
+            return invalid("'stream' must be a boolean" if not isinstance(stream, bool) else
                            f"{path.rpartition('/')[2]} cannot be streamed")
         try:
             name = served_name(self.router.registry, model)
             spec = self._spec_or_target(name)
-            if spec.kind != kind:
-                return invalid(f"model {model!r} is a{'n' if spec.kind[0] in 'ae' else ''} "
-                               f"{spec.kind} model: it does not serve {path.removeprefix('/v1/')}")
+            if kind is not None and spec.kind != kind:
+                return invalid(f"model {model!r} is {_KIND_NAMES.get(spec.kind, spec.kind)}: it "
+                               f"does not serve {path.removeprefix('/v1/').removeprefix('/')}")
             asked = lemonade_options(body, _INFERENCE_LOAD_KEYS,
                                      remote=isinstance(spec, ModelSpec) and spec.remote is not None)
             load_options = self._auto_load_options(spec, asked) if isinstance(spec, ModelSpec) else asked
             for key in _INFERENCE_LOAD_KEYS:
                 body.pop(key, None)
+            if "max_completion_tokens" in body and "max_tokens" not in body:
+                # OpenAI's newer name (LangChain sends it); llama-cpp-python knows only the old
+                # one and would otherwise generate until the context is full
+                body["max_tokens"] = body["max_completion_tokens"]
             payload = {**body, "model": name}
             if not stream:
                 completion = await _unless_gone(request, functools.partial(
                     _requests.request, self.router, name, path, payload, load_options, None))
                 if completion is None:  # the client went away: the request was ended with it
                     return Response(status_code=499)
+                if not path.startswith("/v1/"):  # llama-server's own: its answer as it is
+                    return JSONResponse(dict(completion.response))
                 if kind == "llm":
                     self.info.stats.record(completion.response)
                 return JSONResponse({**completion.response, "model": model})
@@ -342,6 +365,8 @@ def _routes(api: _Api) -> list[BaseRoute]:
     post, get = ["POST"], ["GET"]
     table: dict[str, tuple[Handler, list[str]]] = {
         "chat/completions": (api.chat_completions, post), "completions": (api.completions, post),
+        "responses": (api.responses, post), "tokenize": (api.tokenize, post),
+        "detokenize": (api.detokenize, post), "apply-template": (api.apply_template, post),
         "load": (api.load, post), "health": (api.health, get), "embeddings": (api.embeddings, post),
         "unload": (api.unload, post), "models": (models.models, get),
         "models/{model_id:path}/options": (models.options, ["GET", "POST", "DELETE"]),
