@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -74,10 +75,25 @@ def test_infer_auto_loads_and_never_reloads(ip: InteractiveShell, router: Router
     assert router.status()[0].pid == pid and router.spawn_count == 1
 
 
-def test_chat_with_system_message(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(ip, "%%lemon_infer --chat --system 'Answer in one word.' --max-tokens 6 "
-                   "--temperature 0 -o answer\nName a colour.") is None
-    assert ip.user_ns["answer"].strip() and capsys.readouterr().out.strip()
+def test_chat_with_system_message(ip: InteractiveShell, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat sees the cell and the system message (issue 17: every chat of the embedded
+    model was rendered as the word "gemma", 3 prompt tokens, whatever the cell said)."""
+    router = get_router()
+    seen: list[Any] = []
+    real = router.chat
+    monkeypatch.setattr(router, "chat", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    answers = []
+    for cell in ("What is the capital of France?", "Write the word banana three times, separated by commas."):
+        assert run(ip, f"%%lemon_infer --chat --max-tokens 8 --temperature 0 -o answer\n{cell}") is None
+        answers.append(ip.user_ns["answer"])
+    assert run(ip, "%%lemon_infer --chat --system 'You are a pirate.' --max-tokens 8 "
+                   "--temperature 0 -o answer\nWhat is the capital of France?") is None
+    assert capsys.readouterr().out.strip() and answers[0] != answers[1]
+    # the magic streams: llama-server's last event times the prompt (cached + evaluated tokens)
+    tokens = [s.completion.response["timings"]["prompt_n"] + s.completion.response["timings"]["cache_n"]
+              for s in seen]
+    assert tokens[0] == 16 and tokens[1] > tokens[0] and tokens[2] > tokens[0]  # was 3, 3, 3
 
 
 def test_interpolation_is_opt_in_and_leaves_other_braces(ip: InteractiveShell, router: Router,
