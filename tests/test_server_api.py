@@ -235,3 +235,28 @@ def test_a_client_that_never_reads_is_let_go(served: Served) -> None:
     again = served.http.post("/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert again.status_code == 200
 
+
+
+# ------------------------------------------------------------- llama-server's own routes (issue 17)
+
+def test_tokenize_and_friends_keep_the_load_contract(served: Served) -> None:
+    """tokenize, detokenize and apply-template auto-load, never reload, hold one lease each,
+    answer under every prefix, and use the error table like the other inference routes."""
+    http = served.http
+    tokens = http.post("/tokenize", json={"model": "tiny", "content": "hello"})
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    pid = served.pid("tiny")
+    assert pid is not None  # auto-loaded
+    again = http.post(served.url.replace("/api/v1", "/v0") + "/tokenize",
+                      json={"model": "tiny", "content": "hello", "ctx_size": 512})
+    assert again.json() == tokens.json() and served.pid("tiny") == pid  # never a reload
+    text = http.post("/detokenize", json={"model": "tiny", "tokens": tokens.json()["tokens"]})
+    assert text.status_code == 200 and "hello" in text.json()["content"]
+    prompt = http.post("/apply-template", json={"model": "tiny", "messages": [
+        {"role": "user", "content": "hello"}]})
+    assert prompt.status_code == 200 and "hello" in prompt.json()["prompt"]
+    assert _loaded(served)["tiny"]["requests_in_flight"] == 0 and served.router.spawn_count == 1
+    missing = http.post("/tokenize", json={"model": "nope", "content": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert http.post("/tokenize", json={"model": "tiny", "content": "x", "stream": True}).status_code == 400
+    assert http.get("/responses").status_code == 405
