@@ -110,16 +110,23 @@ def test_mypy_and_ruff_check_the_oldest_declared_python() -> None:
 
 
 def test_the_lowest_requirements_pin_every_dependency_at_its_floor() -> None:
-    lines = lowest.lowest_lines(PROJECT, exclude=["llama-cpp-python"], tools=["pytest"])
+    lines = lowest.lowest_lines(PROJECT, tools=["pytest"])
     pins = [lowest.Requirement(line) for line in lines[:-1]]
     assert [p.name for p in pins] == [lowest.canonicalize_name(lowest.Requirement(s).name)
-                                      for s in PROJECT["dependencies"]
-                                      if not s.startswith("llama-cpp-python")]
+                                      for s in PROJECT["dependencies"]]
     assert all([s.operator for s in p.specifier] == ["=="] for p in pins)
     assert next(p for p in pins if p.name == "tomli").marker is not None
     assert lines[-1].startswith("pytest>=")
     with pytest.raises(ValueError, match="no lower bound"):
         lowest.floor(lowest.Requirement("numpy<3"))
+
+
+def test_the_default_install_compiles_nothing() -> None:
+    """llama-cpp-python (which compiles llama.cpp when pip builds it) is an extra, not a dependency."""
+    names = {lowest.canonicalize_name(lowest.Requirement(s).name) for s in PROJECT["dependencies"]}
+    assert "llama-cpp-python" not in names
+    extra = PROJECT["optional-dependencies"]["llama-cpp-python"]
+    assert [lowest.Requirement(s).name for s in extra] == ["llama-cpp-python"]
 
 
 def test_pyproject_settings_are_read_where_there_is_no_tomllib(tmp_path: Path,
