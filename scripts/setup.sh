@@ -22,9 +22,11 @@ say "llama.cpp sources: $sdist"
 
 # The compile, in the background; its output (and the full log's path, on failure) is kept.
 build_out=$(mktemp)
-"$PYTHON" -m lemon_magic.build_llama_server --sdist "$sdist" >"$build_out" 2>&1 &
+# In a session of its own, so that a failed or interrupted set-up ends the whole compile
+# (cmake, ninja, the compilers), not just its Python.
+setsid "$PYTHON" -m lemon_magic.build_llama_server --sdist "$sdist" >"$build_out" 2>&1 &
 build_pid=$!
-trap 'kill "$build_pid" 2>/dev/null || true; rm -f "$build_out"' EXIT
+trap 'kill -- -"$build_pid" 2>/dev/null || true; rm -f "$build_out"' EXIT
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
