@@ -6,11 +6,13 @@ or psutil.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lemon_magic._policy import ModelState
+from lemon_magic.errors import InvalidOptions
 from lemon_magic.options import LoadOptions, ResolvedOptions
 
 __all__ = ("Chunk", "Completion", "DeleteResult", "LoadResult", "ModelEntry", "ModelStatus", "Plan",
@@ -57,6 +59,42 @@ class RouterConfig:
     remote_timeout: float = 10.0
     #: seconds a remote load may take (the remote may download the model first)
     remote_load_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        """Every field checked whenever a config is made (``configure`` makes a new one with
+        ``dataclasses.replace``), so a bad value changes nothing: a NaN or infinite timeout
+        would break every wait it bounds (issue 21).
+
+        :raises InvalidOptions: the first field that is not valid, named.
+        """
+        for name in _SECONDS:
+            value = getattr(self, name)
+            if value is None and name in _MAY_BE_NONE:
+                continue
+            zero_ok = name in _MAY_BE_ZERO
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                more = " or None (never)" if name in _MAY_BE_NONE else ""
+                raise InvalidOptions(f"{name} must be a {'non-negative' if zero_ok else 'positive'} "
+                                     f"finite number of seconds{more}, got {value!r}")
+        for name in ("log_lines", "port_retries", "memory_limit"):
+            value = getattr(self, name)
+            if value is None and name == "memory_limit":
+                continue
+            low = 0 if name == "port_retries" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidOptions(f"{name} must be an integer of at least {low}, got {value!r}")
+        for kind, count in dict(self.max_loaded).items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise InvalidOptions(f"max_loaded[{kind!r}] must be a positive integer, got {count!r}")
+
+
+#: RouterConfig's durations (positive, finite)
+_SECONDS = ("start_timeout", "load_wait_timeout", "drain_timeout", "stop_grace", "request_timeout",
+            "stream_idle_timeout", "idle_timeout", "remote_poll_interval", "remote_timeout",
+            "remote_load_timeout")
+_MAY_BE_ZERO = frozenset({"drain_timeout", "stop_grace"})
+_MAY_BE_NONE = frozenset({"idle_timeout"})
 
 
 @dataclass(frozen=True)

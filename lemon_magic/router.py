@@ -56,6 +56,7 @@ from lemon_magic._records import (
 )
 from lemon_magic._resolve import Resolver
 from lemon_magic._slot import Load, Slot
+from lemon_magic._tasks import Tasks
 from lemon_magic.backends import Backend, default_backends
 from lemon_magic.backends._pidfile import reap_orphans
 from lemon_magic.backends._process import kill_owned
@@ -99,7 +100,8 @@ class AsyncRouter:
         self._retiring: set[RemoteSlot] = set()
         self._lock = anyio.Lock()
         self._subscribers: list[Callable[[RouterEvent], None]] = []
-        self._tg: anyio.abc.TaskGroup | None = None
+        #: the router's task group, each task contained (``_tasks``); ``None`` until entered
+        self._tg: Tasks | None = None
         self._closed = False
         self._settings_changed = anyio.Event()
         self.spawn_count = 0  # processes started by this router (tests and benchmarks read it)
@@ -108,8 +110,9 @@ class AsyncRouter:
 
     async def __aenter__(self) -> AsyncRouter:
         reap_orphans()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._tg = Tasks(group)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -118,7 +121,7 @@ class AsyncRouter:
         finally:
             assert self._tg is not None
             self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+            await self._tg.group.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Stop every backend and refuse further calls; idempotent."""

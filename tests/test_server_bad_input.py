@@ -184,7 +184,7 @@ ROWS = [
     row("ctx_size-float", load(ctx_size=1.5), 400, "ctx_size must be an integer, or -1"),
     row("ctx_size-bool", load(ctx_size=True), 400, "ctx_size must be an integer, or -1"),
     row("ctx_size-nan", post("/load", content=b'{"model_name": "tiny", "ctx_size": NaN}'), 400,
-        "ctx_size must be an integer, or -1 for automatic, got a number (nan)"),
+        "NaN is a non-finite number (NaN and Infinity are not JSON)"),
     row("ctx_size-digits-string", load(ctx_size="4096"), 400,
         "ctx_size must be an integer, or -1 for automatic, got a string ('4096')"),
     row("ctx_size-huge-other-model", post("/load", {"model_name": "tiny-b", "ctx_size": 10**6}), 400,

@@ -4,6 +4,7 @@ LemonError shaped as an OpenAI/Lemonade error answer in one place (``ERROR_STATU
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from typing import Any
 
@@ -37,7 +38,7 @@ from lemon_magic.errors import (
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import Registry
 
-__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "bad",
+__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "NonFiniteNumber", "bad",
            "error_response", "invalid", "json_type", "lemonade_options", "read_body",
            "recipe_options", "served_name")
 
@@ -128,7 +129,9 @@ async def read_body(request: Request, *, required: bool = True) -> dict[str, Any
             raise BadRequest("Request body is required but was empty")
         return None
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
+    except _NonFinite as exc:
+        raise NonFiniteNumber(str(exc)) from None
     except RecursionError:
         raise BadRequest("Invalid JSON in request body: nested too deeply") from None
     except ValueError as exc:  # bad JSON or bad UTF-8
@@ -137,6 +140,31 @@ async def read_body(request: Request, *, required: bool = True) -> dict[str, Any
     if not isinstance(data, dict):
         raise BadRequest(f"Request body must be a JSON object, got {json_type(data)}")
     return data
+
+
+class _NonFinite(ValueError):
+    """A body's number that is not finite (``NaN``, ``Infinity``, or a literal such as
+    ``1e999`` that only a float's infinity can hold): Python's ``json`` takes them, JSON does
+    not, and a setting such as ``drain_timeout: NaN`` breaks every wait it bounds (issue 21)."""
+
+
+class NonFiniteNumber(BadRequest):
+    """A body that Python's ``json`` reads but JSON does not: a 400 on every route."""
+
+    def __init__(self, literal: str) -> None:
+        super().__init__(f"Invalid JSON in request body: {literal} is a non-finite number "
+                         "(NaN and Infinity are not JSON)")
+
+
+def _non_finite(literal: str) -> float:
+    raise _NonFinite(literal)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _NonFinite(literal if len(literal) <= 40 else f"{literal[:40]}…")
+    return value
 
 
 def json_type(value: object) -> str:

@@ -41,6 +41,7 @@ from lemon_magic.server._wire import (
     LOAD_KEYS,
     MAX_BODY,
     BadRequest,
+    NonFiniteNumber,
     bad,
     error_response,
     invalid,
@@ -150,8 +151,8 @@ class _Api:
         try:
             body = await read_body(request, required=False)
         except BadRequest as exc:
-            if exc.status == 413:
-                raise
+            if exc.status == 413 or isinstance(exc, NonFiniteNumber):
+                raise  # a body Python reads but JSON does not: a 400, never "unload all"
             body = None  # as in Lemonade: a body that is not JSON means "unload all"
         body = body or {}
         model = body.get("model_name", body.get("model"))

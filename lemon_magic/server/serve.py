@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 import uvicorn
 
+from lemon_magic._tasks import Tasks
 from lemon_magic.errors import RouterClosed
 from lemon_magic.server.app import App
 
@@ -121,7 +122,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup) -> Serving:
+async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup | Tasks) -> Serving:
     """Bind ``host:port`` and serve ``app`` from a task in ``tg``; returns once uvicorn
     accepts connections.
 

@@ -1,0 +1,136 @@
+"""Hardening of the HTTP server and its backends (issue 21), each over a real socket.
+
+1. Non-finite numbers are a 400 on every route that parses a body; a setting that fails
+   changes nothing; an unexpected error in one model's task never ends the router.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from lemon_magic import InvalidOptions, Router, RouterConfig
+from tests.conftest import wait_no_backends
+from tests.serving import CHAT
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model: str, tiny_model_b: str) -> Iterator[tuple[Router, httpx.Client]]:
+    """A served router with ``tiny`` and ``tiny-b`` registered (nothing loaded)."""
+    router = Router(RouterConfig(start_timeout=60, drain_timeout=5, stop_grace=3))
+    try:
+        router.register("tiny", tiny_model)
+        router.register("tiny-b", tiny_model_b)
+        url = router.serve(port=0)
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+            yield router, http
+        router.stop_serving()
+        for name in ("tiny", "tiny-b"):
+            router.unregister(name)
+    finally:
+        router.close()
+        wait_no_backends()
+
+
+def _post_raw(http: httpx.Client, path: str, text: str) -> httpx.Response:
+    return http.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+# ----------------------------------------------------------------- 1. non-finite numbers
+
+#: every route that parses a body, with a body that is fine but for one non-finite number
+_BODIES = [
+    ("/params", '{"drain_timeout": NaN}'),
+    ("/params", '{"request_timeout": Infinity}'),
+    ("/params", '{"load_wait_timeout": -Infinity}'),
+    ("/params", '{"stream_idle_timeout": 1e999}'),  # a finite literal that parses to inf
+    ("/load", '{"model_name": "tiny", "ctx_size": NaN}'),
+    ("/completions", '{"model": "tiny", "prompt": "a", "max_tokens": 1, "temperature": NaN}'),
+    ("/chat/completions", '{"model": "tiny", "messages": [], "top_p": Infinity}'),
+    ("/embeddings", '{"model": "tiny", "input": "a", "x": NaN}'),
+    ("/unload", '{"model_name": "tiny", "x": NaN}'),
+    ("/pull", '{"model_name": "tiny", "x": NaN}'),
+    ("/delete", '{"model_name": "nope", "x": NaN}'),
+    ("/models/tiny/options", '{"ctx_size": NaN}'),
+]
+
+
+@pytest.mark.parametrize(("path", "text"), _BODIES, ids=[f"{p}:{t[-22:]}" for p, t in _BODIES])
+def test_non_finite_numbers_are_a_400_and_change_nothing(
+        srv: tuple[Router, httpx.Client], path: str, text: str) -> None:
+    router, http = srv
+    before = http.get("/params").json()
+    spawns = router.async_router.spawn_count
+    r = _post_raw(http, path, text)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert "non-finite" in r.text, r.text
+    assert http.get("/params").json() == before
+    assert router.async_router.spawn_count == spawns
+
+
+def test_nan_drain_timeout_then_a_reload_leaves_the_server_up(srv: tuple[Router, httpx.Client]) -> None:
+    """The issue's two requests: a NaN setting, then a reload (it used to end the router)."""
+    _, http = srv
+    assert http.post("/load", json={"model_name": "tiny", "ctx_size": 256}).status_code == 200
+    assert _post_raw(http, "/params", '{"drain_timeout": NaN}').status_code == 400
+    r = http.post("/load", json={"model_name": "tiny", "ctx_size": 512})
+    assert r.status_code == 200, r.text
+    assert r.json()["action"] == "reloaded"
+    assert http.get("/health").status_code == 200
+    done = http.post("/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert done.status_code == 200, done.text
+
+
+def test_params_are_all_checked_before_any_is_applied(srv: tuple[Router, httpx.Client]) -> None:
+    _, http = srv
+    before = http.get("/params").json()
+    r = http.post("/params", json={"drain_timeout": 7, "request_timeout": 0})
+    assert r.status_code == 400, r.text
+    r = http.post("/params", json={"drain_timeout": 7, "max_loaded_models": True})
+    assert r.status_code == 400, r.text
+    assert http.get("/params").json() == before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, True, "5"])
+def test_configure_refuses_a_bad_timeout(value: object) -> None:
+    """The Python API too: a setting that is not a finite number of seconds changes nothing."""
+    router = Router(RouterConfig(drain_timeout=5))
+    try:
+        before = router.config
+        with pytest.raises(InvalidOptions, match="drain_timeout"):
+            router.configure(request_timeout=9, drain_timeout=value)
+        assert router.config == before
+        with pytest.raises(InvalidOptions, match="request_timeout"):
+            router.configure(request_timeout=0)
+    finally:
+        router.close()
+
+
+def test_an_unexpected_error_in_a_models_task_fails_only_that_model(
+        srv: tuple[Router, httpx.Client], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a task of the router's (here the idle watcher) is logged; the router, the
+    server and the other models go on."""
+    _, http = srv
+    from lemon_magic import _idle
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the idle watcher")
+
+    monkeypatch.setattr(_idle, "watch", broken)
+    with caplog.at_level(logging.ERROR, logger="lemon_magic.router"):
+        r = http.post("/load", json={"model_name": "tiny-b"})
+        assert r.status_code == 200, r.text
+        assert http.get("/health").status_code == 200
+    monkeypatch.undo()
+    assert any("a bug in the idle watcher" in (rec.exc_text or "") + rec.getMessage()
+               for rec in caplog.records)
+    r = http.post("/chat/completions", json={"model": "tiny-b", "messages": CHAT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = http.post("/load", json={"model_name": "tiny"})
+    assert r.status_code == 200, r.text
