@@ -11,19 +11,28 @@ from typing import Any
 import httpx
 
 
-def timed_stream(client: httpx.Client, url: str, payload: dict[str, Any]) -> tuple[float, float, int]:
+def backend_headers(router: Any, url: str) -> dict[str, str]:
+    """What a request straight to the backend at ``url`` needs: its key, which only the router
+    holds (issue 21; read from the router's private state, as only a benchmark should)."""
+    return next(dict(m.process.headers) for m in router.async_router._models.values()
+                if m.process is not None and url.startswith(m.process.url))
+
+
+def timed_stream(client: httpx.Client, url: str, payload: dict[str, Any],
+                 headers: dict[str, str] | None = None) -> tuple[float, float, int]:
     """(time to first token, tokens/s after it, tokens) of one streamed completion at ``url``."""
-    ttft, tps, n, _ = timed_stream_with_timings(client, url, payload)
+    ttft, tps, n, _ = timed_stream_with_timings(client, url, payload, headers)
     return ttft, tps, n
 
 
-def timed_stream_with_timings(client: httpx.Client, url: str,
-                              payload: dict[str, Any]) -> tuple[float, float, int, dict[str, Any]]:
+def timed_stream_with_timings(client: httpx.Client, url: str, payload: dict[str, Any],
+                              headers: dict[str, str] | None = None,
+                              ) -> tuple[float, float, int, dict[str, Any]]:
     """:func:`timed_stream`, plus llama-server's own ``timings`` (from the last event)."""
     stamps = []
     timings: dict[str, Any] = {}
     began = time.perf_counter()
-    with client.stream("POST", url, json={**payload, "stream": True}) as response:
+    with client.stream("POST", url, json={**payload, "stream": True}, headers=headers) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data:") and line[5:].strip() != "[DONE]":
@@ -38,14 +47,14 @@ def timed_stream_with_timings(client: httpx.Client, url: str,
 _clients: dict[bool, httpx.Client] = {}
 
 
-def stream_from_here(url: str, payload: dict[str, Any],
-                     keepalive: bool) -> tuple[float, float, int, dict[str, Any]]:
+def stream_from_here(url: str, payload: dict[str, Any], keepalive: bool,
+                     headers: dict[str, str] | None = None) -> tuple[float, float, int, dict[str, Any]]:
     """:func:`timed_stream_with_timings` with this process's client (one per keep-alive
     choice): run it in a separate client process, as any HTTP client of the server is."""
     if keepalive not in _clients:
         limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
         _clients[keepalive] = httpx.Client(timeout=300, limits=limits, trust_env=False)
-    return timed_stream_with_timings(_clients[keepalive], url, payload)
+    return timed_stream_with_timings(_clients[keepalive], url, payload, headers)
 
 
 def time_together(calls: Sequence[Callable[[], object]]) -> float:

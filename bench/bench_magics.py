@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _timing import timed_stream
+from _timing import backend_headers, timed_stream
 
 RESULTS = Path(__file__).with_name("results")
 PROMPT = "Once upon a time"
@@ -58,8 +58,11 @@ def via_magic(ip: Any, tokens: int) -> tuple[float, float, int]:
 
 
 def via_httpx(client: httpx.Client, url: str, tokens: int) -> tuple[float, float, int]:
+    from lemon_magic import get_router
+
     payload = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1}
-    return timed_stream(client, url + "/v1/completions", payload)
+    return timed_stream(client, url + "/v1/completions", payload,
+                        backend_headers(get_router(), url))  # its key (issue 21)
 
 
 IMPORT_PROBE = """

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _timing import stream_from_here, time_together, timed_stream
+from _timing import backend_headers, stream_from_here, time_together, timed_stream
 
 from lemon_magic import Router, RouterConfig
 
@@ -88,6 +88,7 @@ def main() -> None:
         # the server's client keeps its connection, as OpenAI's SDK does.
         backend = router.status()[0].url
         assert backend is not None
+        key = backend_headers(router, backend)  # the backend answers only the router (issue 21)
         served, direct = [], []
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=spawn) as client_process:
@@ -96,7 +97,7 @@ def main() -> None:
                 payload: dict[str, Any] = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
                                            "seed": 1, **({"model": model} if model else {})}
                 return client_process.submit(stream_from_here, url + "/completions", payload,
-                                             keepalive).result()
+                                             keepalive, None if model else key).result()
 
             remote(base, MODEL, 8, True)  # warm the prompt cache, and both clients
             remote(backend + "/v1", None, 8, False)

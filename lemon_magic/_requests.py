@@ -84,8 +84,11 @@ class Endpoint:
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """A remote's ``Authorization`` (its key read from its variable now, never kept here)."""
-        return self.remote.headers() if self.remote is not None else {}
+        """A remote's ``Authorization`` (its key read from its variable now, never kept here),
+        or a local backend's (the key only the router holds, issue 21)."""
+        if self.remote is not None:
+            return self.remote.headers()
+        return self.process.headers if self.process is not None else {}
 
     def check_status(self, reader: ResponseReader, response: httpx.Response, body: bytes) -> None:
         """:raises LemonError: a non-200 answer (a remote's through the remote boundary: 401/403

@@ -21,6 +21,8 @@ every transition::
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,10 +190,12 @@ class Slot(InFlight):
             port = free_port()
             argv = [*backend.argv(self.spec.path, self.options, port),
                     *backend.kind_args(self.spec.kind, self.options)]
-            self.process = BackendProcess.spawn(self.name, argv, port, env=backend.environment(),
+            key = secrets.token_urlsafe(32)  # fresh for each process, held by the router only
+            env = {**(backend.environment() or os.environ), **backend.key_environment(key)}
+            self.process = BackendProcess.spawn(self.name, argv, port, env=env,
                                                 cwd=backend.workdir(), log_lines=config.log_lines,
                                                 request_timeout=config.request_timeout,
-                                                owner=self._owner)
+                                                owner=self._owner, api_key=key)
             self._on_spawn()
             try:
                 await self.process.wait_healthy(backend.health_path, config.start_timeout)

@@ -43,6 +43,13 @@ def served(make_router: Callable[..., Router], tiny_model: str, tiny_model_b: st
         router.unregister(name)
 
 
+def backend_headers(router: Router, url: str) -> dict[str, str]:
+    """What a request straight to the backend at ``url`` needs: its key, which only the router
+    holds (issue 21). For tests and benchmarks that compare with the backend itself."""
+    return next(dict(m.process.headers) for m in router.async_router._models.values()
+                if m.process is not None and url.startswith(m.process.url))
+
+
 def raw(url: str, request: bytes, *, shut_write: bool = False) -> bytes:
     """Send raw bytes to the server; returns all it answers until it closes or goes quiet."""
     parts = urlsplit(url)

@@ -87,7 +87,10 @@ def test_the_embedded_model_uses_gemma3s_template_file(router: Router) -> None:
 def _apply_template(router: Router, messages: list[dict[str, str]]) -> str:
     [s] = [s for s in router.status() if s.name == MODEL]
     assert s.url is not None
-    response = httpx.post(s.url + "/apply-template", json={"messages": messages}, timeout=30)
+    from tests.serving import backend_headers  # the backend answers only the router (issue 21)
+
+    response = httpx.post(s.url + "/apply-template", json={"messages": messages},
+                          headers=backend_headers(router, s.url), timeout=30)
     response.raise_for_status()
     prompt = response.json()["prompt"]
     assert isinstance(prompt, str)

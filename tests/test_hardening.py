@@ -134,3 +134,45 @@ def test_an_unexpected_error_in_a_models_task_fails_only_that_model(
     assert r.status_code == 200, r.text
     r = http.post("/load", json={"model_name": "tiny"})
     assert r.status_code == 200, r.text
+
+
+# ----------------------------------------------------------------- 2. backends answer only the router
+
+_EVIL = {"Host": "evil.example", "Origin": "http://evil.example", "Content-Type": "text/plain"}
+
+
+@pytest.mark.parametrize("backend", ["llama-server", "llama-cpp-python"])
+def test_a_backend_answers_only_the_router(srv: tuple[Router, httpx.Client], backend: str) -> None:
+    """The issue's request straight to a backend's port (any Host, any Origin, no key) is a
+    401, on its inference routes and on the ones that show the model's path or its slots;
+    everything the router sends (health polls, requests, streams from the Python API) carries
+    the backend's own key, which is on no command line."""
+    router, http = srv
+    r = http.post("/load", json={"model_name": "tiny", "backend": backend, "ctx_size": 256})
+    assert r.status_code == 200, r.text
+    pid = r.json()["pid"]
+    [entry] = [e for e in http.get("/health").json()["all_models_loaded"] if e["model_name"] == "tiny"]
+    root = entry["backend_url"].removesuffix("/v1")
+    body = '{"prompt": "Once upon", "max_tokens": 2}'
+    with httpx.Client(base_url=root, timeout=30, trust_env=False) as direct:
+        paths = ["/v1/completions", "/v1/chat/completions"]
+        for path in paths:
+            for headers in (_EVIL, {"Authorization": "Bearer none"}, {}):
+                answer = direct.post(path, content=body, headers=headers)
+                assert answer.status_code == 401, (path, headers, answer.status_code, answer.text)
+        if backend == "llama-server":
+            for path in ("/props", "/slots", "/metrics", "/tokenize", "/apply-template"):
+                answer = direct.request("POST" if path in ("/tokenize", "/apply-template") else "GET",
+                                        path, content=b"{}", headers=_EVIL)
+                assert answer.status_code == 401, (path, answer.status_code, answer.text)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().decode().split("\0")
+    assert not any("key" in arg.lower() for arg in cmdline), cmdline
+    # everything of ours carries the key: HTTP, the Python API, and its streams (another client)
+    done = http.post("/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert done.status_code == 200, done.text
+    with http.stream("POST", "/chat/completions", json={"model": "tiny", "messages": CHAT,
+                                                         "max_tokens": 2, "stream": True}) as s:
+        assert s.status_code == 200 and "[DONE]" in s.read().decode()
+    assert router.complete("tiny", "a", max_tokens=2).text is not None
+    assert "".join(router.complete("tiny", "a", max_tokens=2, stream=True)) is not None

@@ -23,6 +23,7 @@ from lemon_magic import (
 )
 from tests.conftest import EventLog, alive
 from tests.fakes import FakeBackend, RacyRouter
+from tests.serving import backend_headers
 
 pytestmark = pytest.mark.real
 BACKENDS = ["llama-server", "llama-cpp-python"]
@@ -59,7 +60,7 @@ def test_same_options_is_noop_and_different_ctx_reloads(router: Router, tiny_mod
 def test_reload_confirms_new_ctx_from_the_backend(router: Router, tiny_model: str) -> None:
     router.load(tiny_model, ctx_size=256, backend="llama-server")
     r = router.load(tiny_model, ctx_size=1024, backend="llama-server")
-    props = httpx.get(r.url + "/props", timeout=5).json()
+    props = httpx.get(r.url + "/props", headers=backend_headers(router, r.url), timeout=5).json()
     assert props["default_generation_settings"]["n_ctx"] == 1024
 
 

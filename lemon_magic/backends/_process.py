@@ -27,7 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import IO, Literal
 
 import anyio
@@ -56,8 +57,9 @@ _POLL_FIRST, _POLL_GROWTH, _POLL_MAX = 0.002, 1.5, 0.015
 _ssl_context: ssl.SSLContext | None = None
 
 
-def _client(timeout: float) -> httpx.AsyncClient:
-    """An HTTP client for one backend (httpx builds an SSL context per client: share one)."""
+def _client(timeout: float, headers: Mapping[str, str]) -> httpx.AsyncClient:
+    """An HTTP client for one backend, sending ``headers`` (its key) with every request
+    (httpx builds an SSL context per client: share one)."""
     global _ssl_context
     if _ssl_context is None:
         _ssl_context = ssl.create_default_context()
@@ -65,7 +67,8 @@ def _client(timeout: float) -> httpx.AsyncClient:
     # ("Server disconnected without sending a response"), and it delays its exit on
     # SIGTERM while one is open. A loopback connect costs well under a millisecond.
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0), verify=_ssl_context,
-                             trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+                             trust_env=False, limits=httpx.Limits(max_keepalive_connections=0),
+                             headers=dict(headers))
 
 
 def free_port() -> int:
@@ -208,7 +211,8 @@ class BackendProcess:
     """
 
     def __init__(self, model: str, argv: Sequence[str], port: int, popen: subprocess.Popen[bytes],
-                 log_lines: int, request_timeout: float, owner: int = 0) -> None:
+                 log_lines: int, request_timeout: float, owner: int = 0,
+                 api_key: str | None = None) -> None:
         self.model = model
         self.argv = tuple(argv)
         self.port = port
@@ -222,15 +226,19 @@ class BackendProcess:
         assert popen.stdout is not None
         self._log = _LogRing(popen.stdout, log_lines, f"{model}-{popen.pid}")
         self._record = _pidfile.record(popen.pid, self.argv)
-        #: the client for this backend only (closed before SIGTERM)
-        self.client = _client(request_timeout)
+        #: what every request to this backend carries: the key only the router holds (issue 21)
+        self.headers: Mapping[str, str] = MappingProxyType(
+            {"Authorization": f"Bearer {api_key}"} if api_key else {})
+        #: the client for this backend only (closed before SIGTERM), sending :attr:`headers`
+        self.client = _client(request_timeout, self.headers)
         with _live_lock:
             _live.setdefault(owner, {})[popen.pid] = self
 
     @classmethod
     def spawn(cls, model: str, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None,
               cwd: str | os.PathLike[str] | None = None, log_lines: int = 400,
-              request_timeout: float = 600.0, owner: int = 0) -> BackendProcess:
+              request_timeout: float = 600.0, owner: int = 0,
+              api_key: str | None = None) -> BackendProcess:
         """Start ``argv`` (never through a shell) in its own session with PDEATHSIG set.
 
         The backend is recorded as live for ``owner`` until :meth:`stop` or
@@ -255,6 +263,9 @@ class BackendProcess:
         PDEATHSIG fires when the spawning *thread* exits: spawn from a
         long-lived thread (the router's loop thread).
 
+        ``api_key``: what the client sends as ``Authorization: Bearer``; the backend gets it
+        from ``env`` (``Backend.key_environment``), never from ``argv``.
+
         :raises BackendStartError: the program could not be executed.
         """
         try:
@@ -263,7 +274,7 @@ class BackendProcess:
             raise BackendStartError(f"cannot start the backend of {model!r}: {argv[0]}: "
                                     f"{exc.strerror or exc}", model=model) from exc
         log.info("[%s] spawned pid %d on port %d: %s", model, popen.pid, port, " ".join(argv))
-        return cls(model, argv, port, popen, log_lines, request_timeout, owner)
+        return cls(model, argv, port, popen, log_lines, request_timeout, owner, api_key)
 
     @property
     def pid(self) -> int:

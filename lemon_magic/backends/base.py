@@ -38,6 +38,17 @@ class Backend(ABC):
         """The environment the process gets (``None``: this process's own)."""
         return None
 
+    def key_environment(self, key: str) -> dict[str, str]:
+        """The variables that make the process require ``key`` from every client (issue 21).
+
+        Each process gets a fresh key that only the router holds, so a local user or a web
+        page (DNS rebinding) cannot use the backend around the router's checks. It goes in
+        the environment, never on the command line (``/proc/<pid>/cmdline`` is readable by
+        every local user; ``/proc/<pid>/environ`` only by the same user). ``{}``: this kind
+        of backend takes no key.
+        """
+        return {}
+
     def workdir(self) -> Path | None:
         """The folder the process starts in (``None``: this process's own)."""
         return None

@@ -1,8 +1,11 @@
-"""The OpenAI-style server of ``llama-cpp-python`` (``python -m llama_cpp.server``)."""
+"""The OpenAI-style server of ``llama-cpp-python`` (``python -m llama_cpp.server``), an optional
+backend (``pip install 'lemon_magic[llama-cpp-python]'``) that runs on the same llama.cpp build
+as ``llama-server``."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -12,11 +15,15 @@ from lemon_magic.backends.base import Backend
 from lemon_magic.errors import BackendUnavailable
 from lemon_magic.options import ResolvedOptions
 
-__all__ = ("LlamaCppPython",)
+__all__ = ("INSTALL_HINT", "LlamaCppPython")
+
+INSTALL_HINT = "pip install 'lemon_magic[llama-cpp-python]'"
 
 
 class LlamaCppPython(Backend):
-    """``llama_cpp.server`` run by this Python interpreter (``pip install 'llama-cpp-python[server]'``)."""
+    """``llama_cpp.server`` run by this Python interpreter, on the shared llama.cpp build
+    (``python -m lemon_magic.build_llama_server``) when there is one, else on the libraries
+    the package carries."""
 
     name = "llama-cpp-python"
     health_path = "/v1/models"
@@ -27,15 +34,49 @@ class LlamaCppPython(Backend):
     def __init__(self, python: str | None = None) -> None:
         self._python = python or sys.executable
 
+    def lib_dir(self) -> Path | None:
+        """The shared build's folder if it is built, else ``None`` (the package's own libraries).
+
+        :raises BackendUnavailable: neither has ``libllama``, or ``$LEMON_MAGIC_CPU`` is invalid.
+        """
+        from lemon_magic.build_llama_server import lib_dir
+
+        try:
+            shared = lib_dir()
+        except ValueError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        if (shared / "libllama.so").exists():
+            return shared
+        spec = importlib.util.find_spec("llama_cpp")
+        own = [Path(p) / "lib" / "libllama.so" for p in (spec.submodule_search_locations or [])] \
+            if spec else []
+        if any(p.exists() for p in own):
+            return None
+        raise BackendUnavailable(f"llama-cpp-python has no llama.cpp library here and the shared "
+                                 f"build is missing ({shared}): run 'python -m "
+                                 f"lemon_magic.build_llama_server'")
+
     def command(self) -> list[str]:
         if importlib.util.find_spec("llama_cpp") is None or \
                 importlib.util.find_spec("uvicorn") is None:
-            raise BackendUnavailable("llama-cpp-python's server is not installed "
-                                     "(pip install 'llama-cpp-python[server]')")
+            raise BackendUnavailable(f"the llama-cpp-python backend is not installed ({INSTALL_HINT})")
+        self.lib_dir()
         return [self._python, "-m", "llama_cpp.server"]
 
+    def environment(self) -> dict[str, str] | None:
+        shared = self.lib_dir()
+        return None if shared is None else {**os.environ, "LLAMA_CPP_LIB_PATH": str(shared)}
+
+    def key_environment(self, key: str) -> dict[str, str]:
+        return {"API_KEY": key}  # its ServerSettings (pydantic-settings) read api_key from here
+
+    def workdir(self) -> Path | None:
+        # ggml looks for its CPU variants (libggml-cpu-*.so) next to the program and in the
+        # current folder; the program here is python, so the folder is the build's
+        return self.lib_dir()
+
     def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
-        argv = [*self.command(), "--model", str(model_path), "--host", "127.0.0.1",
+        argv = [*self.command(), "--model", str(model_path.absolute()), "--host", "127.0.0.1",
                 "--port", str(port), "--n_ctx", str(options.ctx_size),
                 "--n_threads", str(options.threads)]
         template = options.chat_template

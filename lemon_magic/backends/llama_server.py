@@ -19,14 +19,16 @@ ENV_VAR = "LEMON_MAGIC_LLAMA_SERVER"
 
 class LlamaServer(Backend):
     """``llama-server`` found through ``binary=``, ``$LEMON_MAGIC_LLAMA_SERVER``, PATH, or the
-    cache where ``python -m lemon_magic.build_llama_server`` puts it (in that order)."""
+    cache where ``python -m lemon_magic.build_llama_server`` puts it (in that order; in the
+    cache, ``$LEMON_MAGIC_CPU=baseline`` picks the build without the faster CPU variants)."""
 
     name = "llama-server"
     health_path = "/health"
     reserved_flags = frozenset({"-m", "--model", "--port", "--host", "-c", "--ctx-size",
                                 "-t", "--threads", "--chat-template", "--chat-template-file",
                                 "--jinja", "--no-jinja",
-                                "-mu", "--model-url", "-hf", "--hf-repo", "--api-key"})
+                                "-mu", "--model-url", "-hf", "--hf-repo", "--api-key",
+                                "--api-key-file"})
     port_in_use_markers = ("couldn't bind", "address already in use")
 
     def __init__(self, binary: str | os.PathLike[str] | None = None) -> None:
@@ -37,16 +39,22 @@ class LlamaServer(Backend):
 
         :raises BackendUnavailable: not found, or not an executable file.
         """
-        from lemon_magic.build_llama_server import built_binary
+        from lemon_magic.build_llama_server import baseline_error, built_binary, missing_baseline_features
 
         configured = self._binary or os.environ.get(ENV_VAR)
         if configured:
             path = Path(configured).expanduser()
             where = "configured" if self._binary else f"${ENV_VAR}"
+        elif found := shutil.which("llama-server"):
+            path, where = Path(found), "PATH"
         else:
-            found = shutil.which("llama-server")
-            path = Path(found) if found else built_binary()
-            where = "PATH" if found else "the build cache"
+            try:
+                path, where = built_binary(), "the build cache"
+            except ValueError as exc:
+                raise BackendUnavailable(str(exc)) from None
+            missing = missing_baseline_features()
+            if missing:
+                raise BackendUnavailable(f"llama-server cannot run here: {baseline_error(missing)}")
         if not path.is_file():
             raise BackendUnavailable(
                 f"llama-server not found ({where}: {path}); build it with "
@@ -57,6 +65,9 @@ class LlamaServer(Backend):
 
     def command(self) -> list[str]:
         return [str(self.locate())]
+
+    def key_environment(self, key: str) -> dict[str, str]:
+        return {"LLAMA_API_KEY": key}  # --api-key's variable (every route but /health, /models)
 
     def argv(self, model_path: Path, options: ResolvedOptions, port: int) -> list[str]:
         argv = [*self.command(), "-m", str(model_path), "--ctx-size", str(options.ctx_size),
