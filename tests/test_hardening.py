@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -176,3 +177,66 @@ def test_a_backend_answers_only_the_router(srv: tuple[Router, httpx.Client], bac
         assert s.status_code == 200 and "[DONE]" in s.read().decode()
     assert router.complete("tiny", "a", max_tokens=2).text is not None
     assert "".join(router.complete("tiny", "a", max_tokens=2, stream=True)) is not None
+
+
+# ----------------------------------------------------------------- 3. bounds on backend flags
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    ("--threads-http 3000", "--threads-http must be an integer from -1 to"),
+    ("--threads-http=32768", "--threads-http must be an integer from -1 to"),
+    ("-tb 3000", "-tb must be an integer from 1 to"),
+    ("--threads-batch 0", "--threads-batch must be an integer from 1 to"),
+    ("--prio 3 --poll 100", "--prio must be an integer from -1 to 0 (no raised or real-time priority)"),
+    ("--prio 1", "--prio must be an integer from -1 to 0"),
+    ("--poll 100", "--poll must be an integer from 0 to 50"),
+    ("-np 100000", "-np must be an integer from -1 to 64"),
+    ("-b 1000000", "-b must be an integer from 1 to"),
+    ("--cache-ram -1", "--cache-ram must be an integer from 0 to"),
+    ("--n_threads_batch 3000", "--n_threads_batch must be an integer from -1 to"),
+    ("--seed 12abc", "--seed must be an integer"),
+    ("--temp nan", "--temp must be a number from 0 to"),
+    ("--prio", "--prio needs a value"),
+    ("--no-warmup 3000", "3000 is not a flag"),
+    ("--use_mlock maybe", "--use_mlock must be one of"),
+])
+def test_a_backend_flag_out_of_bounds_is_refused_in_one_line(
+        srv: tuple[Router, httpx.Client], args: str, fragment: str) -> None:
+    router, http = srv
+    spawns = router.async_router.spawn_count
+    before = http.get("/params").json()
+    for path, body in (("/load", {"model_name": "tiny", "llamacpp_args": args}),
+                       ("/params", {"llamacpp_args": args}),
+                       ("/models/tiny/options", {"llamacpp_args": args, "dry_run": True})):
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert fragment in r.text and "\\n" not in r.text, (path, r.text)
+    assert router.async_router.spawn_count == spawns
+    assert http.get("/params").json() == before
+
+
+def test_backend_flags_within_bounds_load(srv: tuple[Router, httpx.Client]) -> None:
+    _, http = srv
+    args = "--threads-http 2 -tb 2 --prio 0 --poll 0 -fa on -np 1 --cache-ram 64 --no-warmup"
+    r = http.post("/load", json={"model_name": "tiny", "llamacpp_args": args, "ctx_size": 256})
+    assert r.status_code == 200, r.text
+    threads = len(os.listdir(f"/proc/{r.json()['pid']}/task"))
+    assert threads < 40, threads  # --threads-http 3000 made 3,006
+
+
+def test_the_table_of_allowed_flags() -> None:
+    """One table: every allowed flag says what value it takes; numbers are bounded; none is a
+    flag lemon_magic sets itself; counts, sizes and priorities all have bounds."""
+    from lemon_magic.backends import default_backends
+    from lemon_magic.server._args import FLAGS, Number
+
+    reserved = set().union(*(b.reserved_flags for b in default_backends().values()))
+    assert not reserved & set(FLAGS)
+    for flag, value in FLAGS.items():
+        if isinstance(value, Number):
+            assert value.low <= value.high, flag
+    for flag in ("-tb", "--threads-batch", "--threads-http", "--prio", "--poll", "-np", "--parallel",
+                 "-b", "--batch-size", "-ub", "--ubatch-size", "--cache-ram", "--ctx-checkpoints",
+                 "--keep", "-n", "--n-predict", "--n_batch", "--n_ubatch", "--n_threads_batch",
+                 "--cache-reuse", "--reasoning-budget", "-to", "--timeout"):
+        assert isinstance(FLAGS[flag], Number), flag
+    assert FLAGS["--prio"].high == 0

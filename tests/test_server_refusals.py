@@ -192,7 +192,7 @@ def test_cli_refuses_a_public_host_without_a_key() -> None:
 
 def test_load_errors_keep_lemonades_codes(served: Served) -> None:
     http = served.http
-    r = http.post("/load", json={"model_name": "tiny", "llamacpp_args": "--numa bogus"})
+    r = http.post("/load", json={"model_name": "tiny", "llamacpp_args": "-ctk bogus"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_error"
     assert "Failed to load model 'tiny'" in r.json()["error"]["message"]
     assert http.post("/load", json={"model_name": "tiny", "pinned": True}).status_code == 200
