@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -12,12 +13,13 @@ from lemon_magic._policy import ModelState
 from lemon_magic._records import UnloadResult
 from lemon_magic._remote import parse_remote
 from lemon_magic.errors import InvalidOptions, ModelNotFound, ModelNotLoaded
-from lemon_magic.registry import ModelSpec
+from lemon_magic.options import LoadOptions
+from lemon_magic.registry import DEFAULT_MODEL, ModelSpec
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("register", "register_remote", "unregister")
+__all__ = ("register", "register_pulled", "register_remote", "unregister")
 
 #: states in which a name cannot change between a local file and a remote
 _IN_USE = (ModelState.LOADING, ModelState.READY, ModelState.STOPPING, ModelState.UNREACHABLE)
@@ -30,12 +32,24 @@ async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str],
 
     :raises InvalidOptions: ``name`` is a remote model in use (unload or unregister it first).
     """
+    return await _register_local(router, name, lambda: router.registry.register(
+        name, path, kind=kind, description=description, **defaults))
+
+
+async def register_pulled(router: AsyncRouter, name: str, path: str, checkpoint: str, *, kind: str,
+                          description: str, defaults: LoadOptions) -> ModelSpec:
+    """Register a pulled file (see :meth:`Registry.register_pulled`: a name registered before
+    keeps its saved options, kind and description)."""
+    return await _register_local(router, name, lambda: router.registry.register_pulled(
+        name, path, checkpoint, kind=kind, description=description, defaults=defaults))
+
+
+async def _register_local(router: AsyncRouter, name: str, write: Callable[[], ModelSpec]) -> ModelSpec:
     remote = router._remotes.get(name)
     if remote is not None and remote.state in _IN_USE:
         raise InvalidOptions(f"{name!r} is a remote model, {remote.state} on {remote.remote.url}: "
                              f"unload it (%lemon_unload {name}) or unregister it first")
-    spec = await anyio.to_thread.run_sync(lambda: router.registry.register(
-        name, path, kind=kind, description=description, **defaults))
+    spec = await anyio.to_thread.run_sync(write)
     router._resolver.invalidate()
     if name in router._remotes:  # the name was a remote model's: let that go here
         _remoting.forget(router, router._remotes[name], "registered anew")
@@ -71,6 +85,8 @@ async def unregister(router: AsyncRouter, name: str) -> UnloadResult | None:
     """Unload the model if it is loaded here, forget the registration and the router's row (a
     remote model stays loaded on its server)."""
     if name not in router.registry.user_names():
+        if name == DEFAULT_MODEL:
+            router.registry.unregister(name)  # raises: it is built in
         raise ModelNotFound(name, router.registry.user_names())
     unloaded: UnloadResult | None = None
     if name in router._models:  # a remote model is let go below, not unloaded on its server

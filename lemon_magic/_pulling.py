@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from lemon_magic import _hub
+from lemon_magic import _catalog, _hub
 from lemon_magic._hubcatalog import catalog_entry, load_catalog
 from lemon_magic._policy import ModelState
 from lemon_magic._records import DeleteResult, ModelEntry, ModelStatus, PullResult, RouterEvent
@@ -50,7 +50,7 @@ from lemon_magic.errors import (
     RouterClosed,
 )
 from lemon_magic.options import LoadOptions
-from lemon_magic.registry import ModelSpec, Registry
+from lemon_magic.registry import DEFAULT_MODEL, ModelSpec, Registry
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
@@ -305,18 +305,10 @@ class Pulls:
 
     async def _register(self, target: PullTarget, pulled: _hub.PulledModel, began: float) -> PullResult:
         """Register the pulled file under ``target.name``; a name registered before keeps its
-        saved options and description."""
-        router = self._router
-        defaults, kind, description = target.defaults, target.kind, target.description
-        try:
-            spec = router.registry.lookup(target.name)
-            if spec.source == "user":
-                defaults, kind, description = spec.defaults, spec.kind, spec.description or description
-        except LemonError:
-            pass
-        saved = {k: v for k, v in vars(defaults).items() if v is not None}
-        await router.register(target.name, pulled.path, kind=kind, description=description,
-                              checkpoint=pulled.checkpoint, **saved)
+        saved options, kind and description (decided on a fresh read under the registry's lock)."""
+        await _catalog.register_pulled(self._router, target.name, pulled.path, pulled.checkpoint,
+                                       kind=target.kind, description=target.description,
+                                       defaults=target.defaults)
         return PullResult(target.name, pulled.checkpoint, pulled.path, pulled.size, pulled.downloaded,
                           time.monotonic() - began)
 
@@ -348,6 +340,8 @@ class Pulls:
             flight.cancel.set()
             await flight.done.wait()
         if name not in router.registry.user_names():
+            if name == DEFAULT_MODEL:
+                router.registry.unregister(name)  # raises: it is built in
             raise ModelNotFound(name, router.registry.user_names(), paths=False)
         spec = router.registry.lookup(name)
         unloaded = None

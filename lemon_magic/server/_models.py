@@ -91,9 +91,10 @@ def _user_spec(router: AsyncRouter, name: str) -> ModelSpec:
 
 
 async def _save(router: AsyncRouter, spec: ModelSpec, saved: LoadOptions) -> None:
+    """Only the saved options change: the entry's file, checkpoint, kind and description stay
+    as the registrations file has them (issue 20; the router's caches see the file change)."""
     router.resolve(dataclasses.replace(spec, defaults=saved), LoadOptions())  # refuse bad values
-    await router.register(spec.name, spec.path, kind=spec.kind, description=spec.description,
-                          **{k: v for k, v in vars(saved).items() if v is not None})
+    await anyio.to_thread.run_sync(router.registry.save_options, spec.name, saved)
 
 
 async def save_options(router: AsyncRouter, name: str, body: dict[str, Any],
