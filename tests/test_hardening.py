@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -240,3 +244,71 @@ def test_the_table_of_allowed_flags() -> None:
                  "--cache-reuse", "--reasoning-budget", "-to", "--timeout"):
         assert isinstance(FLAGS[flag], Number), flag
     assert FLAGS["--prio"].high == 0
+
+
+# ----------------------------------------------------------------- 4. the server's key, off the command line
+
+def _serve(tmp_path: Path, *args: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """``lemon-magic serve --port 0 ARGS`` in a process of its own; its process and base URL."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("LEMON_MAGIC_API_KEY", "LEMONADE_API_KEY")}
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lemon_magic", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**clean, "PYTHONPATH": str(Path(__file__).parent.parent), **(env or {})})
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("serving "), (line, (tmp_path / "stderr").read_text())
+    return process, line.split()[1]
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("how", ["file", "environment", "command line"])
+def test_serve_takes_its_key_from_a_file_or_the_environment(tmp_path: Path, how: str) -> None:
+    key = "k-" + os.urandom(8).hex()
+    args: tuple[str, ...] = ()
+    env = None
+    if how == "file":
+        (tmp_path / "key").write_text(f"{key}\n")
+        args = ("--api-key-file", str(tmp_path / "key"))
+    elif how == "environment":
+        env = {"LEMON_MAGIC_API_KEY": key}
+    else:
+        args = ("--api-key", key)
+    process, url = _serve(tmp_path, *args, env=env)
+    try:
+        with open(f"/proc/{process.pid}/cmdline", "rb") as f:
+            on_command_line = key.encode() in f.read()
+        assert on_command_line == (how == "command line")
+        assert httpx.get(url + "/health", trust_env=False).status_code == 401
+        r = httpx.get(url + "/health", headers={"Authorization": f"Bearer {key}"}, trust_env=False)
+        assert r.status_code == 200
+    finally:
+        _stop(process)
+    warnings = [line for line in (tmp_path / "stderr").read_text().splitlines()
+                if "--api-key" in line and "other local users" in line]
+    assert len(warnings) == (how == "command line"), warnings
+    assert key not in (tmp_path / "stderr").read_text()
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "cannot read"), ("\n  \n", "is empty")])
+def test_serve_refuses_a_key_file_it_cannot_use(tmp_path: Path, content: str | None,
+                                                fragment: str) -> None:
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "lemon_magic", "serve", "--port", "0",
+                           "--api-key-file", str(path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 1 and fragment in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
