@@ -96,6 +96,9 @@ def test_a_cpu_without_the_baseline_is_told_in_one_line(monkeypatch: pytest.Monk
     with pytest.raises(BackendUnavailable) as err:
         LlamaServer().locate()
     assert "\n" not in str(err.value) and "lacks f16c, fma, avx2, bmi2" in str(err.value)
+    with pytest.raises(BackendUnavailable) as err:
+        LlamaCppPython().command()
+    assert str(err.value).startswith("llama-cpp-python cannot run here: this CPU lacks f16c")
 
 
 def test_a_full_cpu_passes_the_check(monkeypatch: pytest.MonkeyPatch) -> None:

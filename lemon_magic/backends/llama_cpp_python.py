@@ -39,13 +39,16 @@ class LlamaCppPython(Backend):
 
         :raises BackendUnavailable: neither has ``libllama``, or ``$LEMON_MAGIC_CPU`` is invalid.
         """
-        from lemon_magic.build_llama_server import lib_dir
+        from lemon_magic.build_llama_server import baseline_error, lib_dir, missing_baseline_features
 
         try:
             shared = lib_dir()
         except ValueError as exc:
             raise BackendUnavailable(str(exc)) from None
         if (shared / "libllama.so").exists():
+            missing = missing_baseline_features()
+            if missing:
+                raise BackendUnavailable(f"llama-cpp-python cannot run here: {baseline_error(missing)}")
             return shared
         spec = importlib.util.find_spec("llama_cpp")
         own = [Path(p) / "lib" / "libllama.so" for p in (spec.submodule_search_locations or [])] \
