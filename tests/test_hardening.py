@@ -19,9 +19,11 @@ import pytest
 
 from lemon_magic import InvalidOptions, Router, RouterConfig
 from tests.conftest import wait_no_backends
+from tests.hubstub import HubStub, hub
 from tests.serving import CHAT
 
 pytestmark = pytest.mark.real
+__all__ = ("hub",)  # the fixture, imported for the tests below
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +314,29 @@ def test_serve_refuses_a_key_file_it_cannot_use(tmp_path: Path, content: str | N
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert done.returncode == 1 and fragment in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+# ----------------------------------------------------------------- 5. cross-site browser requests
+
+#: what a browser sends with an <img src="http://127.0.0.1:13305/..."> on another site: no Origin
+_IMG = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+
+
+def test_a_cross_site_request_without_origin_never_reaches_the_hub(
+        srv: tuple[Router, httpx.Client], hub: HubStub) -> None:
+    router, http = srv
+    spawns = router.async_router.spawn_count
+    sent = [http.get("/pull/variants", params={"checkpoint": "attacker/x"}, headers=_IMG),
+            http.post("/pull", json={"model_name": "attacker/x:Q8_0"}, headers=_IMG),
+            http.post("/load", json={"model_name": "attacker/x:Q8_0"}, headers=_IMG),
+            http.post("/completions", json={"model": "attacker/x:Q8_0", "prompt": "a"}, headers=_IMG)]
+    for r in sent:
+        assert r.status_code == 403, (r.request.url, r.status_code, r.text)
+        assert "cross-site" in r.text
+    assert hub.requests == [] and router.async_router.spawn_count == spawns
+    # the same request from a page of the server's own, a same-site one or a non-browser client
+    for site in ("same-origin", "same-site", "none", None):
+        headers = {"Sec-Fetch-Site": site} if site else {}
+        r = http.get("/pull/variants", params={"checkpoint": "attacker/x"}, headers=headers)
+        assert r.status_code == 404, r.text  # the stand-in has no such repo: it was asked
+    assert hub.requests

@@ -8,8 +8,11 @@ can send requests to localhost. So, in this order:
    address (``0.0.0.0``, ``::``) turns this check off; the API key protects it.
 2. **Origin** (cross-origin requests): a request with an ``Origin`` header that
    is neither the server's own origin nor explicitly allowed is refused with 403,
-   as Lemonade does; ``OPTIONS`` preflights are answered 204. Every answer
-   carries Lemonade's CORS headers and ``Vary: Origin``.
+   as Lemonade does; so is a browser's request marked ``Sec-Fetch-Site:
+   cross-site`` that carries no ``Origin`` (an ``<img>`` or a link on
+   another site sends none, and a GET of ``pull/variants`` fetches from the Hub).
+   ``OPTIONS`` preflights are answered 204. Every answer carries Lemonade's CORS
+   headers and ``Vary: Origin``.
 3. **API key**: when one is set, every request but ``OPTIONS`` needs
    ``Authorization: Bearer <key>`` (401 otherwise). Binding anything but a
    loopback address requires a key (:func:`check_binding`).
@@ -128,6 +131,12 @@ class Guard:
             return
         if origin is not None and not self._origin_ok(origin):
             await _answer(send, 403, {"error": "Origin not allowed"}, extra)
+            return
+        if headers.get("sec-fetch-site") == "cross-site" and origin is None:
+            # a browser's request from another site that carries no Origin (an <img>, a link):
+            # it could still make the machine fetch from the Hub (issue 21)
+            await _answer(send, 403, {"error": "Cross-site request refused (Sec-Fetch-Site: "
+                                      "cross-site)"}, extra)
             return
         if scope["method"] == "OPTIONS":
             await _answer(send, 204, None, extra)
