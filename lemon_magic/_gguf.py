@@ -7,6 +7,7 @@ results are cached per (path, size, mtime).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -130,10 +131,12 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     return _read_cached(str(p.resolve()), st.st_size, st.st_mtime_ns)
 
 
-@lru_cache(maxsize=64)
-def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFInfo:
-    if size == 0:
-        raise InvalidModelFile(path, "is empty (0 bytes)")
+def _entries(path: str, string_arrays: tuple[str, ...] = ()) -> Iterator[tuple[str, object]]:
+    """Each metadata key of the GGUF file ``path`` with its value (arrays are skipped unread and
+    read as ``None``, except the string arrays named in ``string_arrays``, read as lists).
+
+    :raises InvalidModelFile: not a readable GGUF file.
+    """
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -147,19 +150,33 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFInfo:
             raise InvalidModelFile(path, f"has unsupported GGUF version {version}")
         r.scalar("<Q")  # tensor count
         n_kv = int(r.scalar("<Q"))  # type: ignore[call-overload]
-        meta: dict[str, object] = {}
-        arch: str | None = None
-        has_template = False
         for _ in range(n_kv):
             key = r.string()
             vtype = int(r.scalar("<I"))  # type: ignore[call-overload]
-            value = r.value(vtype)
-            if key == "general.architecture":
-                arch = str(value)
-            elif key == "tokenizer.chat_template":
-                has_template = True
-            elif key.endswith(_WANTED_SUFFIXES):
-                meta[key] = value
+            if key in string_arrays and vtype == _ARRAY:
+                itype = int(r.scalar("<I"))  # type: ignore[call-overload]
+                count = int(r.scalar("<Q"))  # type: ignore[call-overload]
+                if itype != _STRING:
+                    raise InvalidModelFile(path, f"is corrupt (its {key} are not strings)")
+                yield key, [r.string() for _ in range(count)]
+            else:
+                yield key, r.value(vtype)
+
+
+@lru_cache(maxsize=64)
+def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFInfo:
+    if size == 0:
+        raise InvalidModelFile(path, "is empty (0 bytes)")
+    meta: dict[str, object] = {}
+    arch: str | None = None
+    has_template = False
+    for key, value in _entries(path):
+        if key == "general.architecture":
+            arch = str(value)
+        elif key == "tokenizer.chat_template":
+            has_template = True
+        elif key.endswith(_WANTED_SUFFIXES):
+            meta[key] = value
     if arch is None:
         raise InvalidModelFile(path, "is corrupt (no general.architecture key)")
 
@@ -184,31 +201,12 @@ def special_tokens(path: str) -> tuple[str, str]:
     """
     ids: dict[str, int] = {}
     tokens: list[str] = []
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise InvalidModelFile(path, f"cannot be read ({exc.strerror})") from None
-    with f:
-        r = _Reader(f, path)
-        if f.read(4) != _MAGIC:
-            raise InvalidModelFile(path, "is not a GGUF file (its first bytes are not 'GGUF')")
-        r.scalar("<I")
-        r.scalar("<Q")
-        n_kv = int(r.scalar("<Q"))  # type: ignore[call-overload]
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = int(r.scalar("<I"))  # type: ignore[call-overload]
-            if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
-                itype = int(r.scalar("<I"))  # type: ignore[call-overload]
-                count = int(r.scalar("<Q"))  # type: ignore[call-overload]
-                if itype != _STRING:
-                    raise InvalidModelFile(path, "is corrupt (its tokens are not strings)")
-                tokens = [r.string() for _ in range(count)]
-                continue
-            value = r.value(vtype)
-            if key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id") and \
-                    isinstance(value, int):
-                ids[key.split(".")[2]] = value
+    for key, value in _entries(path, string_arrays=("tokenizer.ggml.tokens",)):
+        if key == "tokenizer.ggml.tokens" and isinstance(value, list):
+            tokens = value
+        elif key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id") and \
+                isinstance(value, int):
+            ids[key.split(".")[2]] = value
 
     def text(name: str) -> str:
         i = ids.get(name)
