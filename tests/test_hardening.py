@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -340,3 +345,123 @@ def test_a_cross_site_request_without_origin_never_reaches_the_hub(
         r = http.get("/pull/variants", params={"checkpoint": "attacker/x"}, headers=headers)
         assert r.status_code == 404, r.text  # the stand-in has no such repo: it was asked
     assert hub.requests
+
+
+# ----------------------------------------------------------------- 6. slow clients
+
+def _open(url: str, n: int, head: bytes) -> list[socket.socket]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((parts.hostname, parts.port), timeout=10)
+        s.sendall(head)
+        socks.append(s)
+    return socks
+
+
+def _close_times(socks: dict[socket.socket, float], seconds: float) -> dict[socket.socket, float]:
+    """For each socket the server closed within ``seconds``: how long after its opening
+    (``socks`` maps each to its opening time)."""
+    closed: dict[socket.socket, float] = {}
+    deadline = time.monotonic() + seconds
+    while len(closed) < len(socks) and time.monotonic() < deadline:
+        pending = [s for s in socks if s not in closed]
+        ready, _, _ = select.select(pending, [], [], max(0.0, deadline - time.monotonic()))
+        now = time.monotonic()
+        for s in ready:
+            try:
+                data = s.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                closed[s] = now - socks[s]
+    return closed
+
+
+@pytest.fixture
+def small_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[Router]:
+    """A served router (no model) with a 1 s header timeout and at most 600 connections."""
+    from lemon_magic.server import serve
+
+    limits = getattr(serve, "Limits", None)
+    if limits is not None:  # (the same test runs against code without limits, to see it fail)
+        monkeypatch.setattr(serve, "LIMITS", limits(header_timeout=1.0, max_connections=600))
+    router = Router(RouterConfig())
+    try:
+        router.serve(port=0)
+        yield router
+    finally:
+        router.close()
+
+
+def test_half_sent_headers_are_closed_within_the_header_timeout(small_limits: Router) -> None:
+    """500 connections that never finish their headers (and one that trickles a byte every
+    0.1 s) are each closed within the header timeout (1 s here), while a normal request is
+    answered at once."""
+    url = small_limits.base_url
+    assert url is not None
+    opened: dict[socket.socket, float] = {}
+    try:
+        for s in _open(url, 500, b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "):
+            opened[s] = time.monotonic()
+        with httpx.Client(timeout=5, trust_env=False) as http:
+            t0 = time.monotonic()
+            assert http.get(url + "/health").status_code == 200
+            answered = time.monotonic() - t0
+        [trickle] = _open(url, 1, b"G")
+        opened[trickle] = time.monotonic()
+
+        def drip() -> None:
+            for byte in b"ET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1":
+                time.sleep(0.1)
+                try:
+                    trickle.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+        dripping = threading.Thread(target=drip, daemon=True)
+        dripping.start()
+        closed = _close_times(opened, 5.0)
+        dripping.join(10)
+        assert len(closed) == 501, f"{len(closed)} of 501 closed"
+        slowest = max(closed.values())
+        assert slowest < 1.0 + 0.75, slowest
+        assert 1.0 <= closed[trickle] < 1.75, closed[trickle]
+        print(f"normal request answered in {answered * 1000:.1f} ms among 500 slow ones; each "
+              f"slow one closed {min(closed.values()):.2f}-{slowest:.2f} s after it opened "
+              f"(trickle: {closed[trickle]:.2f} s)")
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_connections_beyond_the_limit_are_refused_with_bounded_logging(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Past the limit a connection is answered 503 at once (never parsed); 300 refusals make
+    at most two log lines, which count them all."""
+    from lemon_magic.server import serve
+
+    monkeypatch.setattr(serve, "LIMITS", serve.Limits(header_timeout=5.0, max_connections=50))
+    router = Router(RouterConfig())
+    try:
+        url = router.serve(port=0)
+        with caplog.at_level(logging.INFO, logger="lemon_magic.server"):
+            socks = _open(url, 50, b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            refused = []
+            for _ in range(300):
+                answer = _open(url, 1, b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0]
+                refused.append(answer.recv(4096))
+                answer.close()
+            for s in socks:
+                s.close()
+            time.sleep(0.3)
+            with httpx.Client(timeout=5, trust_env=False) as http:
+                assert http.get(url + "/health").status_code == 200  # room again
+            router.stop_serving()  # says what it has counted since its last line
+        assert all(r.startswith(b"HTTP/1.1 503") for r in refused), refused[:3]
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, lines
+        assert sum(int(line.split()[-2]) for line in lines) == 300, lines
+    finally:
+        router.close()

@@ -24,16 +24,19 @@ import uvicorn
 
 from lemon_magic._tasks import Tasks
 from lemon_magic.errors import RouterClosed
+from lemon_magic.server._limits import Limits, protocol_class
 from lemon_magic.server.app import App
 
 if TYPE_CHECKING:
     from lemon_magic.router import AsyncRouter
 
-__all__ = ("DEFAULT_PORT", "Serving", "ServingInfo", "serve_router", "start")
+__all__ = ("DEFAULT_PORT", "LIMITS", "Limits", "Serving", "ServingInfo", "serve_router", "start")
 
 #: Lemonade's default port
 DEFAULT_PORT = 13305
 log = logging.getLogger("lemon_magic.server")
+#: connections and request deadlines of every server started from now on (see ``_limits``)
+LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,10 @@ class Serving:
         self.host = host
         self.port: int = sock.getsockname()[1]
         self.stopped = anyio.Event()
+        protocol, self._tally = protocol_class(LIMITS)
         config = uvicorn.Config(app.asgi, lifespan="off", log_config=None, access_log=False,
-                                ws="none", timeout_graceful_shutdown=5, server_header=False)
+                                ws="none", timeout_graceful_shutdown=5, server_header=False,
+                                http=protocol)
         self.server = _Server(config)
 
     @property
@@ -89,6 +94,7 @@ class Serving:
             log.exception("[server] the HTTP server on port %d failed", self.port)
         finally:
             self.sock.close()
+            self._tally.close()
             self.stopped.set()
             log.info("[server] stopped serving on port %d", self.port)
 
