@@ -79,6 +79,9 @@ class CatalogMagics:
 
         In [1]: %lemon_delete qwen-small
         deleted qwen-small (removed 805 MB from the Hugging Face cache)
+
+        Files another registration pulled from the same repo uses are kept, and it says so;
+        the built-in model cannot be deleted.
         """
         args = _parse(self.lemon_delete, line)
         result = self.router.delete(args.name)
@@ -87,6 +90,11 @@ class CatalogMagics:
             parts.append(f"unloaded pid {result.unloaded_pid}")
         if result.freed:
             parts.append(f"removed {result.freed / 1e6:.0f} MB from the Hugging Face cache")
+        if result.kept_for:
+            others = ", ".join(result.kept_for)
+            parts.append(f"its files are kept in the Hugging Face cache: {others} "
+                         f"{'was' if len(result.kept_for) == 1 else 'were'} pulled from the "
+                         "same repo (%lemon_delete that too to remove them)")
         print(f"deleted {result.model}" + (f" ({'; '.join(parts)})" if parts else ""))
 
     @_no_abbrev

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from lemon_magic import _capacity, _idle
 from lemon_magic._policy import Decision, ModelState, decide
 from lemon_magic._records import LoadResult, ModelStatus, Plan
-from lemon_magic.errors import ModelNotLoaded
+from lemon_magic.errors import LemonError, ModelNotFound, ModelNotLoaded
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
 
@@ -60,12 +60,22 @@ def log_tail(router: AsyncRouter, model: str, n: int) -> list[str]:
     """``AsyncRouter.log_tail``: a backend's log, or for a remote model what happened to it here.
 
     :raises ModelNotLoaded: the router has never run this model.
+    :raises ModelNotFound: no model has that name (neither registered, a file, nor pullable).
     """
     m = router._models.get(model)
     if m is not None:
         return m.log_tail(n)
     if model in router._remotes:
         return list(router._remotes[model].notes)[-n:]
+    try:
+        router.registry.lookup(model)
+    except ModelNotFound:
+        from lemon_magic._pulling import pull_target
+
+        if pull_target(model) is None:
+            raise
+    except LemonError:
+        pass  # a registration or file with a problem: it exists, it just never ran
     raise ModelNotLoaded(model)
 
 

@@ -72,6 +72,7 @@ async def run_load(router: AsyncRouter, m: Slot, load: Load,
                     for v in router._slot_victims(m, m.spec.kind)]
         except SlotsFull:  # pinned meanwhile: keep them; the limit is exceeded until an unload
             late = []
+        load.evicted.update((v.name, v.process.pid if v.process else None) for v, _ in late)
         with anyio.move_on_after(config.drain_timeout + config.stop_grace + 10):
             await wait_evicted(late)
     finally:

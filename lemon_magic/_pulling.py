@@ -350,22 +350,26 @@ class Pulls:
                 unloaded = await router.unload(name, reason="deleted")
         unloaded = await router.unregister(name) or unloaded
         freed = 0
-        if spec.checkpoint is not None and not self._shared(spec.path):
-            freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
-        return DeleteResult(name, unloaded.pid if unloaded else None, freed)
+        kept_for: tuple[str, ...] = ()
+        if spec.checkpoint is not None:
+            kept_for = self._shared(spec.path)
+            if not kept_for:
+                freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
+        return DeleteResult(name, unloaded.pid if unloaded else None, freed, kept_for)
 
-    def _shared(self, path: Path) -> bool:
-        """Whether another registration was pulled into the same repo folder of the same cache
+    def _shared(self, path: Path) -> tuple[str, ...]:
+        """The other registrations pulled into the same repo folder of the same cache
         (removing a checkpoint's files touches every snapshot of its repo, so they stay)."""
         registry, folder = self._router.registry, _repo_folder(path)
+        out = []
         for other in registry.user_names():
             try:
                 spec = registry.lookup(other)
             except LemonError:
                 continue
             if spec.checkpoint is not None and _repo_folder(spec.path) == folder:
-                return True
-        return False
+                out.append(other)
+        return tuple(out)
 
 
 def _repo_folder(path: Path) -> str:

@@ -124,6 +124,8 @@ class LoadResult:
     previous_options: ResolvedOptions | None = None
     #: a remote model: the server's URL as registered (``None``: a local backend)
     remote: str | None = None
+    #: the models stopped to make room for this load: name → its pid (``None``: it was loading)
+    evicted: Mapping[str, int | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ class DeleteResult:
     unloaded_pid: int | None
     #: bytes removed from the Hub's cache (0: its files were not pulled, or are shared)
     freed: int
+    #: the other registrations pulled from the same repo, whose files kept the model's files
+    #: in the Hub's cache (removing a checkpoint's files touches every snapshot of its repo)
+    kept_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

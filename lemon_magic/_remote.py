@@ -311,15 +311,17 @@ def entry_from_health(raw: Mapping[str, Any], model: str) -> RemoteEntry:
 
 def entry_from_models(ids: Mapping[str, Mapping[str, Any]], model: str) -> RemoteEntry:
     """``model``'s entry in an OpenAI ``/models`` listing (by id); llama-server's router mode
-    adds ``status.value`` (``loaded``, ``loading``, ``unloaded``…), llama-server ``meta.n_ctx``
-    and vLLM ``max_model_len`` (both kept as ``ctx_size``)."""
+    adds ``status.value`` (``loaded``, ``loading``, ``unloaded``…), llama-server ``meta.n_ctx``,
+    vLLM ``max_model_len`` and Lemonade's (and ``lemon-magic serve``'s) ``context_length``
+    (each kept as ``ctx_size``)."""
     item = ids.get(model)
     if item is None:
         return RemoteEntry(loaded=False)
     status = item.get("status")
     value = status.get("value") if isinstance(status, dict) else None  # llama-server's router
     meta = item.get("meta")
-    ctx = meta.get("n_ctx") if isinstance(meta, dict) else item.get("max_model_len")
+    ctx = meta.get("n_ctx") if isinstance(meta, dict) else \
+        item.get("max_model_len", item.get("context_length"))
     ctx = ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None
     reported = {k: v for k, v in (("ctx_size", ctx), ("status", _text(value))) if v is not None}
     return RemoteEntry(loaded=value in (None, "loaded"), listed=True, ctx_size=ctx,

@@ -155,7 +155,17 @@ def seconds(s: float) -> str:
 
 
 def describe_load(r: LoadResult) -> str:
-    """One line for what a load did, as ``%lemon_load`` prints it."""
+    """One line for what a load did, as ``%lemon_load`` prints it (and which models it
+    stopped to make room: ``; evicted tiny (pid 4242) to make room``)."""
+    line = _describe_load(r)
+    if r.evicted:
+        gone = ", ".join(f"{name} (pid {pid})" if pid else f"{name} (its load cancelled)"
+                         for name, pid in r.evicted.items())
+        line += f"; evicted {gone} to make room"
+    return line
+
+
+def _describe_load(r: LoadResult) -> str:
     if r.remote is not None and (r.action != "noop" or r.backend.startswith("openai")):
         return _describe_remote_load(r)
     if r.action == "noop":

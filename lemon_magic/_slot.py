@@ -70,6 +70,8 @@ class Load:
     #: set on success: the process it started and its spawn-to-healthy seconds
     process: BackendProcess | None = None
     seconds: float = 0.0
+    #: the models stopped to make room for it (name → pid, ``None``: it was still loading)
+    evicted: dict[str, int | None] = field(default_factory=dict)
 
 
 class Slot(InFlight):

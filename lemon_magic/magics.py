@@ -26,6 +26,7 @@ from lemon_magic._policy import ModelState
 from lemon_magic._progress import PullBar
 from lemon_magic._records import Completion
 from lemon_magic._render import describe_load, describe_unload, load_note
+from lemon_magic._sampling import check_sampling
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import DEFAULT_MODEL
@@ -162,11 +163,14 @@ class LemonMagics(CatalogMagics, Magics):
         bar = PullBar(model)
         try:
             try:
+                LoadOptions.from_kwargs(options)  # a value that is not one: an argument mistake
                 plan = self.router.plan(model, **options)
                 if plan.action == "reload":
                     print(plan.describe() + " …", flush=True)  # said before the old process goes
             except errors.NotDownloaded as exc:
                 print(exc.message + " …", flush=True)
+            except errors.InvalidOptions as exc:  # refused before anything was done
+                raise UsageError(exc.message) from None
             result = self.router.load(model, pin=pin, progress=bar, **options)
             bar.close(done=True)
         except errors.Interrupted as exc:
@@ -219,9 +223,15 @@ class LemonMagics(CatalogMagics, Magics):
         if args.max_tokens is not None and args.max_tokens <= 0:
             raise UsageError(f"--max-tokens must be a positive number, got {args.max_tokens}")
         max_tokens = self.max_tokens if args.max_tokens is None else args.max_tokens
+        try:
+            check_sampling(args.temperature, args.top_p)
+            load_options = LoadOptions.from_kwargs({"ctx_size": args.ctx_size}) \
+                if args.ctx_size else None
+        except errors.InvalidOptions as exc:
+            raise UsageError(exc.message) from None
         sampling = {"max_tokens": max_tokens, "temperature": args.temperature,
                     "top_p": args.top_p, "seed": args.seed, "stop": args.stop,
-                    "load_options": LoadOptions(ctx_size=args.ctx_size) if args.ctx_size else None}
+                    "load_options": load_options}
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": prompt})
@@ -369,14 +379,20 @@ class LemonMagics(CatalogMagics, Magics):
 
     @_no_abbrev
     @magic_arguments()
-    @argument("--port", type=int, default=13305, help="port on 127.0.0.1 (default 13305; 0: any)")
+    @argument("--port", type=int, help="port on 127.0.0.1 (default 13305, or where it serves "
+                                       "now; 0: any)")
     @argument("--stop", action="store_true", help="stop serving (the models stay loaded)")
     @line_magic
     def lemon_serve(self, line: str) -> None:
         """Serve this router's Lemonade- and OpenAI-compatible HTTP API (README: Serving over HTTP).
 
+        Declarative, like %lemon_load: serving already at that address is a no-op; another
+        port moves the server there, and says so (the old URL stops answering).
+
         In [1]: %lemon_serve
         serving http://127.0.0.1:13305/api/v1 (OpenAI base URL: http://127.0.0.1:13305/api/v1)
+        In [2]: %lemon_serve
+        already serving http://127.0.0.1:13305/api/v1 (no change; OpenAI base URL: http://127.0.0.1:13305/api/v1)
         """
         from lemon_magic.server._magic import serve_line
 

@@ -296,7 +296,8 @@ class AsyncRouter:
                         m.process.url, m.options, time.monotonic() - began, m.load_seconds or 0.0,
                         joined=joined is not None and started_here is None,
                         options_differ={} if explicit else m.options.diff(wanted),
-                        previous_options=done.previous if done else None)
+                        previous_options=done.previous if done else None,
+                        evicted=dict(done.evicted) if done else {})
                 if decision in (Decision.START, Decision.RELOAD):
                     if not explicit and started_here is None and time.monotonic() < m.retry_at:
                         raise m.backoff_error()
@@ -334,7 +335,7 @@ class AsyncRouter:
                 return LoadResult(name, load.action, wanted.backend, load.process.pid,
                                   load.process.url, wanted, time.monotonic() - began,
                                   load.seconds, joined=load is not started_here,
-                                  previous_options=load.previous)
+                                  previous_options=load.previous, evicted=dict(load.evicted))
 
     def _apply_caller(self, m: Slot, requested: LoadOptions, pin: bool | None,
                       explicit: bool) -> None:
@@ -366,6 +367,7 @@ class AsyncRouter:
         reloading = decision is Decision.RELOAD
         load = Load(options, "reloaded" if reloading else "loaded", m.options if reloading else None)
         # all effects below happen together, with no await: nobody sees a half-made plan
+        load.evicted.update((v, _pid(self._models[v])) for v in victims)
         evicted = [(self._models[v], self._begin_eviction(self._models[v],
                                                           f"evicted to make room for {m.name}"))
                    for v in victims]
@@ -454,6 +456,7 @@ class AsyncRouter:
         """The last ``n`` lines of the model's backend log (of its last process if stopped).
 
         :raises ModelNotLoaded: the router has never run this model.
+        :raises ModelNotFound: no model has that name.
         """
         return _introspect.log_tail(self, model, n)
 
@@ -501,3 +504,8 @@ class AsyncRouter:
                load_options: LoadOptions | None = None) -> AsyncIterator[Chunk]:
         """Stream a completion or chat; each silence is bounded by ``stream_idle_timeout``."""
         return _requests.stream(self, model, path, payload, load_options)
+
+
+def _pid(v: Slot) -> int | None:
+    """The pid of ``v``'s process (``None``: it has none yet)."""
+    return v.process.pid if v.process is not None else None

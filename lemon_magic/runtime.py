@@ -41,6 +41,7 @@ from lemon_magic._records import (
     RouterEvent,
     UnloadResult,
 )
+from lemon_magic._sampling import check_sampling
 from lemon_magic._stream import Stream
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _sampling(max_tokens: int | None, temperature: float | None, top_p: float | 
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or max_tokens <= 0):
         raise InvalidOptions(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    check_sampling(temperature, top_p)
     payload = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                "seed": seed, "stop": [stop] if isinstance(stop, str) else stop, **extra}
     return {k: v for k, v in payload.items() if v is not None}

@@ -7,11 +7,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lemon_magic.runtime import Router
 
-__all__ = ("serve_line",)
+__all__ = ("DEFAULT_PORT", "serve_line")
+
+#: Lemonade's port, where ``%lemon_serve`` serves unless told otherwise
+DEFAULT_PORT = 13305
 
 
-def serve_line(router: Router, port: int, stop: bool) -> str:
-    """Start (or, with ``stop``, stop) serving on 127.0.0.1; returns the line to print.
+def serve_line(router: Router, port: int | None, stop: bool) -> str:
+    """Ensure the router serves on 127.0.0.1 (declarative, like loads), or with ``stop`` stop
+    serving; returns the line to print.
+
+    Already serving at that address (``port`` ``None`` or 0: wherever it serves now): a no-op.
+    At another address: the server moves there, and the line says that the old URL stops
+    answering. Not serving: it starts (``port`` ``None``: 13305).
 
     :raises OSError: the port cannot be bound.
     """
@@ -20,5 +28,11 @@ def serve_line(router: Router, port: int, stop: bool) -> str:
         if not router.stop_serving():
             return "not serving"
         return f"stopped serving {url}; the models stay loaded"
-    url = router.serve("127.0.0.1", port)
+    info = router.serving
+    if info is not None and info.host == "127.0.0.1" and port in (None, 0, info.port):
+        return f"already serving {info.base_url} (no change; OpenAI base URL: {info.base_url})"
+    url = router.serve("127.0.0.1", DEFAULT_PORT if port is None else port)
+    if info is not None and info.base_url != url:
+        return (f"moved serving from {info.base_url} to {url}: the old URL no longer answers "
+                f"(OpenAI base URL: {url})")
     return f"serving {url} (OpenAI base URL: {url})"
