@@ -465,3 +465,80 @@ def test_connections_beyond_the_limit_are_refused_with_bounded_logging(
         assert sum(int(line.split()[-2]) for line in lines) == 300, lines
     finally:
         router.close()
+
+
+# ----------------------------------------------------------------- 7. request sizes
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``lemon-magic serve`` in a process of its own (its memory measured alone)."""
+    process, url = _serve(tmp_path)
+    try:
+        yield process, url
+    finally:
+        _stop(process)
+
+
+@pytest.mark.parametrize(("name", "fragment"), [
+    ("objects", "more than 100000 arrays and objects"),
+    ("values", "more than 1000000 values"),
+    ("nesting", "nested more than 64 deep"),
+])
+def test_a_body_too_large_once_parsed_is_refused_before_it_is(
+        serve_process: tuple[subprocess.Popen[str], str], name: str, fragment: str) -> None:
+    """The issue's 15 MiB of ``[{},{},…]`` (which made 479 MiB of Python objects), 15 MiB of
+    ``[1,1,…]``, or deep nesting: a 413 in one line, and the server's peak memory grows by
+    less than 64 MiB."""
+    process, url = serve_process
+    size = 15 * 2**20
+    inner = {"objects": b"{}," * (size // 3), "values": b"1," * (size // 2),
+             "nesting": b"[" * 65 + b"]" * 65 + b","}[name]
+    body = b'{"model": "tiny", "prompt": [' + inner + b'0]}'
+    with httpx.Client(timeout=60, trust_env=False) as http:
+        http.get(url + "/health")
+        before = _peak_rss(process.pid)
+        r = http.post(url + "/completions", content=body, headers={"content-type": "application/json"})
+        grew = _peak_rss(process.pid) - before
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert fragment in r.text and "\n" not in r.text.strip(), r.text
+    print(f"{name}: {len(body) / 2**20:.1f} MiB body refused; server peak RSS grew by "
+          f"{grew / 2**20:.1f} MiB")
+    assert grew < 64 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB"
+
+
+def test_bytes_in_flight_across_requests_are_bounded(
+        serve_process: tuple[subprocess.Popen[str], str]) -> None:
+    """Four requests each holding 15 MiB of a body still arriving (60 MiB): a new 5 MiB body
+    would pass 64 MiB in flight, so it is a 429 with Retry-After; once they go, it is taken."""
+    _, url = serve_process
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    head = (f"POST {parts.path}/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {15 * 2**20}\r\n\r\n").encode()
+    slow = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection((parts.hostname, parts.port), timeout=30)
+            s.sendall(head + b'{"model": "tiny", "prompt": "' + b"x" * (15 * 2**20 - 100))
+            slow.append(s)
+        time.sleep(0.5)  # the server has read what they sent
+        with httpx.Client(timeout=30, trust_env=False) as http:
+            r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
+            assert r.status_code == 429, (r.status_code, r.text[:200])
+            assert "in flight" in r.text and r.headers.get("retry-after"), (r.text, r.headers)
+            for s in slow:
+                s.close()
+            slow = []
+            time.sleep(0.3)
+            r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
+            assert r.status_code == 404, (r.status_code, r.text[:200])  # parsed: no such model
+    finally:
+        for s in slow:
+            s.close()

@@ -160,8 +160,8 @@ ROWS = [
     row("invalid-utf8", post("/load", content=b'{"model_name": "ti\xffny"}'), 400, "Invalid JSON"),
     row("empty-body-load", post("/load", content=b""), 400, "empty"),
     row("empty-body-chat", post("/chat/completions", content=b""), 400, "empty"),
-    row("json-nested-too-deep", post("/load", content=b"[" * 100000 + b"]" * 100000), 400,
-        "nested too deeply"),
+    row("json-nested-too-deep", post("/load", content=b"[" * 100000 + b"]" * 100000), 413,
+        "nested more than 64 deep"),
     row("json-int-too-long", post("/load", content=b'{"model_name": "tiny", "ctx_size": '
                                   + b"9" * 5000 + b"}"), 400, "a number has too many digits"),
     row("blank-body-completions", post("/completions", content=b" \r\n "), 400, "empty"),

@@ -137,11 +137,12 @@ class _Bounded:
             return
         waiting = self.cycle is self._waiting_after
         if waiting:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._end(_TOO_LARGE, f"closed (headers over {self.limits.max_header_bytes} bytes)")
-                return
+            self._head_bytes += len(data)  # (with any body bytes that came along: checked below)
         super().data_received(data)  # type: ignore[misc]
+        if waiting and self.cycle is self._waiting_after and \
+                self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
+            self._end(_TOO_LARGE, f"closed (headers over {self.limits.max_header_bytes} bytes)")
+            return
         self._progress()
 
     def _progress(self) -> None:

@@ -3,13 +3,17 @@ LemonError shaped as an OpenAI/Lemonade error answer in one place (``ERROR_STATU
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
 import math
+import re
 import shlex
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lemon_magic._pulling import pull_target
 from lemon_magic._records import ModelStatus
@@ -38,9 +42,10 @@ from lemon_magic.errors import (
 from lemon_magic.options import LoadOptions
 from lemon_magic.registry import Registry
 
-__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "SAVED_KEYS", "BadRequest", "NonFiniteNumber", "bad",
-           "error_response", "invalid", "json_type", "lemonade_options", "read_body",
-           "recipe_options", "served_name")
+__all__ = ("ERROR_STATUS", "LOAD_KEYS", "MAX_BODY", "MAX_CONTAINERS", "MAX_DEPTH", "MAX_IN_FLIGHT",
+           "MAX_VALUES", "SAVED_KEYS", "BadRequest", "BodyBudget", "NonFiniteNumber", "bad",
+           "check_shape", "error_response", "invalid", "json_type", "lemonade_options",
+           "read_body", "recipe_options", "served_name")
 
 #: the largest request body accepted, in bytes (larger: 413)
 MAX_BODY = 16 * 1024 * 1024
@@ -71,9 +76,10 @@ ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
 class BadRequest(Exception):
     """A request body the API cannot take (400, Lemonade's bare-string error shape)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def error_response(exc: LemonError) -> JSONResponse:
@@ -99,8 +105,8 @@ def error_response(exc: LemonError) -> JSONResponse:
     return JSONResponse({"error": body}, status)
 
 
-def bad(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status)
+def bad(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=headers)
 
 
 def invalid(message: str) -> JSONResponse:
@@ -110,24 +116,30 @@ def invalid(message: str) -> JSONResponse:
 
 
 async def read_body(request: Request, *, required: bool = True) -> dict[str, Any] | None:
-    """The JSON object in the body (``None`` for an empty optional body).
+    """The JSON object in the body (``None`` for an empty optional body), the one parser of
+    every route: bounded in bytes (:data:`MAX_BODY`), in what parsing it would make
+    (:func:`check_shape`: Python objects cost far more than their JSON), and in bytes held
+    across requests (:class:`BodyBudget`); numbers must be finite.
 
-    :raises BadRequest: too large, empty when required, not JSON, or not an object.
+    :raises BadRequest: too large (413), too much in flight (429), empty when required, not
+        JSON, a non-finite number, or not an object.
     """
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY:
         raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
-    chunks, size = [], 0
+    held = request.scope.get(BodyBudget.KEY)
+    raw = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
+        if len(raw) + len(chunk) > MAX_BODY:
             raise BadRequest(f"Request body is larger than {MAX_BODY} bytes", 413)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        if held is not None:
+            held.take(len(chunk))
+        raw += chunk
     if not raw.strip():
         if required:
             raise BadRequest("Request body is required but was empty")
         return None
+    check_shape(raw)
     try:
         data = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
     except _NonFinite as exc:
@@ -140,6 +152,88 @@ async def read_body(request: Request, *, required: bool = True) -> dict[str, Any
     if not isinstance(data, dict):
         raise BadRequest(f"Request body must be a JSON object, got {json_type(data)}")
     return data
+
+
+#: arrays and objects one body may hold (each costs ~60 bytes parsed, and ``{}`` is 3 bytes)
+MAX_CONTAINERS = 100_000
+#: values one body may hold in all its arrays and objects (a prompt of token ids is one each)
+MAX_VALUES = 1_000_000
+#: how deep arrays and objects may nest
+MAX_DEPTH = 64
+#: bytes of request bodies held at once across requests (a request holds its body's until
+#: it is answered); past it a new body is a 429
+MAX_IN_FLIGHT = 64 * 1024 * 1024
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def check_shape(raw: bytes | bytearray) -> None:
+    """Refuse a body whose parsed form would be too large, before parsing it (issue 21: 15 MiB
+    of ``[{},{},…]`` made 479 MiB of Python objects). Counts bytes outside strings; it costs one
+    copy of the body only when a quick upper bound (counting inside strings too) is over.
+
+    :raises BadRequest: 413, saying which bound.
+    """
+    opens = raw.count(b"{") + raw.count(b"[")
+    if opens <= MAX_DEPTH and raw.count(b",") < MAX_VALUES:
+        return
+    outside = _STRING.sub(b'""', raw)
+    opens = outside.count(b"{") + outside.count(b"[")
+    why = None
+    if opens > MAX_CONTAINERS:
+        why = f"more than {MAX_CONTAINERS} arrays and objects"
+    elif outside.count(b",") >= MAX_VALUES:
+        why = f"more than {MAX_VALUES} values"
+    elif opens > MAX_DEPTH:
+        steps = array.array("b", outside.translate(None, _NOT_BRACKET).translate(_DEPTH_STEP))
+        if max(itertools.accumulate(steps), default=0) > MAX_DEPTH:
+            why = f"arrays and objects nested more than {MAX_DEPTH} deep"
+    if why is not None:
+        raise BadRequest(f"Request body is too large to parse: {why}", 413)
+
+
+class BodyBudget:
+    """The ASGI layer that bounds the bytes of request bodies held at once (see
+    :data:`MAX_IN_FLIGHT`): :func:`read_body` takes from it as a body arrives, and the
+    request gives it all back once it is answered (streams included)."""
+
+    #: where :func:`read_body` finds the request's share (an ASGI scope key)
+    KEY = "lemon_magic.body_budget"
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_IN_FLIGHT) -> None:
+        self.app = app
+        self.limit = limit
+        self.used = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = _Held(self)
+        scope[self.KEY] = held
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.used -= held.bytes
+            held.bytes = 0
+
+
+class _Held:
+    """One request's share of a :class:`BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, n: int) -> None:
+        """:raises BadRequest: 429, the budget would be exceeded."""
+        if self.budget.used + n > self.budget.limit:
+            raise BadRequest(f"Too many request bytes in flight (over {self.budget.limit} across "
+                             "requests being answered); retry shortly", 429, {"Retry-After": "1"})
+        self.budget.used += n
+        self.bytes += n
 
 
 class _NonFinite(ValueError):

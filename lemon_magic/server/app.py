@@ -41,6 +41,7 @@ from lemon_magic.server._wire import (
     LOAD_KEYS,
     MAX_BODY,
     BadRequest,
+    BodyBudget,
     NonFiniteNumber,
     bad,
     error_response,
@@ -334,7 +335,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
-    return bad(str(exc), exc.status)
+    return bad(str(exc), exc.status, exc.headers)
 
 
 async def _disconnected(request: Request, exc: Exception) -> Response:
@@ -402,6 +403,6 @@ def create_app(router: AsyncRouter, *, version: str, security: Security | None =
     app = Starlette(routes=_routes(api), exception_handlers={
         404: _not_found, HTTPException: _http_error, BadRequest: _bad_request,
         ClientDisconnect: _disconnected})
-    guard = Guard(app, security, bound_host)
+    guard = Guard(BodyBudget(app), security, bound_host)  # bodies held at once: bounded
     counter = _Counter(guard)
     return App(counter, counter, guard)
