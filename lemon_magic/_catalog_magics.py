@@ -1,7 +1,8 @@
 """The magics of the model catalogue: list, register, forget (a mixin of ``LemonMagics``).
 
 Its methods are decorated here and collected by ``@magics_class`` on
-``LemonMagics``, whose module imports this one first.
+``LemonMagics``, whose module imports this one first. Like that module, it imports
+what a magic needs when the magic first runs, so ``%load_ext`` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic import line_magic
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from lemon_magic import _render, errors
+from lemon_magic import errors
 from lemon_magic._magic_args import _interrupted, _no_abbrev, _parse
-from lemon_magic._policy import ModelState
-from lemon_magic._progress import PullBar
-from lemon_magic._render import describe_pull
 
 if TYPE_CHECKING:
+    from lemon_magic import _render
     from lemon_magic.runtime import Router
 
 __all__ = ("CatalogMagics",)
@@ -43,8 +42,10 @@ class CatalogMagics:
 
         In [1]: %lemon_models --all
         """
+        from lemon_magic._render import ModelsTable
+
         args = _parse(self.lemon_models, line)
-        return _render.ModelsTable(self.router.models(all=args.all))
+        return ModelsTable(self.router.models(all=args.all))
 
     @_no_abbrev
     @magic_arguments()
@@ -59,6 +60,9 @@ class CatalogMagics:
         In [1]: %lemon_pull unsloth/Qwen3-0.6B-GGUF:Q8_0 --name qwen-small
         pulled unsloth/Qwen3-0.6B-GGUF:Q8_0 as qwen-small (805 MB downloaded in 41.2 s)
         """
+        from lemon_magic._progress import PullBar
+        from lemon_magic._render import describe_pull
+
         args = _parse(self.lemon_pull, line)
         bar = PullBar(args.name or args.model)
         try:
@@ -154,6 +158,8 @@ class CatalogMagics:
         In [1]: %lemon_unregister tiny
         unregistered tiny
         """
+        from lemon_magic._policy import ModelState
+
         args = _parse(self.lemon_unregister, line)
         remote = next((s for s in self.router.status() if s.name == args.name and s.remote
                        and s.state is ModelState.READY), None)

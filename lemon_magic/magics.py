@@ -1,6 +1,8 @@
 """The IPython magics: parse the line, make one router call, render the result.
 
 No load decision is made here: the router decides, the magics only report.
+A magic imports what it needs (the router, the renderers, the widgets) when it
+first runs, so that ``%load_ext lemon_magic`` stays cheap (issue 20).
 Output is written from the main thread while the cell runs (the only way that
 is both live in the notebook and seen by nbval); errors raise, so the cell
 fails with a short message instead of a traceback.
@@ -12,25 +14,24 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
-from lemon_magic import _render, errors
+from lemon_magic import errors
 from lemon_magic._catalog_magics import CatalogMagics
 from lemon_magic._magic_args import Interrupted, _interrupted, _no_abbrev, _parse
-from lemon_magic._policy import ModelState
-from lemon_magic._progress import PullBar
-from lemon_magic._records import Completion
-from lemon_magic._render import describe_load, describe_unload, load_note
 from lemon_magic._sampling import check_sampling
 from lemon_magic.errors import LemonError
 from lemon_magic.options import LoadOptions
-from lemon_magic.registry import DEFAULT_MODEL
-from lemon_magic.runtime import Router, get_router
+
+if TYPE_CHECKING:
+    from lemon_magic import _render
+    from lemon_magic._records import Completion
+    from lemon_magic.runtime import Router
 
 __all__ = ("InferenceText", "Interrupted", "LemonMagics")
 
@@ -57,7 +58,8 @@ class LemonMagics(CatalogMagics, Magics):
     ``[tool.lemon_magic]`` in a ``pyproject.toml`` next to the notebook.
     """
 
-    default_model = Unicode(DEFAULT_MODEL, help="model used when a magic names none").tag(config=True)
+    #: ``registry.DEFAULT_MODEL``, written out: the registry is not imported by %load_ext
+    default_model = Unicode("gemma3-270m", help="model used when a magic names none").tag(config=True)
     ctx_size = Int(None, allow_none=True, help="default context size for loads").tag(config=True)
     threads = Int(None, allow_none=True, help="default CPU threads for loads").tag(config=True)
     backend = Unicode(None, allow_none=True,
@@ -86,6 +88,8 @@ class LemonMagics(CatalogMagics, Magics):
     def router(self) -> Router:
         """The process's router, with this instance's settings applied."""
         if self._router is None or self._router.closed:
+            from lemon_magic.runtime import get_router
+
             self._router = get_router()
             self._router.configure(**self._router_settings())
         return self._router
@@ -106,6 +110,8 @@ class LemonMagics(CatalogMagics, Magics):
 
     def _warn_about_next_loads(self) -> None:
         """Say which loaded models the next plain ``%lemon_load MODEL`` would now reload."""
+        from lemon_magic._policy import ModelState
+
         for status in self.router.status():
             if status.state is not ModelState.READY or status.remote is not None:
                 continue  # the load defaults never apply to a remote model (its server's do)
@@ -152,6 +158,9 @@ class LemonMagics(CatalogMagics, Magics):
         In [3]: %lemon_load gemma3-270m --ctx-size 8192
         reloaded gemma3-270m: ctx_size 4096 → 8192 (0.8 s; llama-server, pid 4243, ctx 8192)
         """
+        from lemon_magic._progress import PullBar
+        from lemon_magic._render import describe_load
+
         args = _parse(self.lemon_load, line)
         if args.pin and args.unpin:
             raise UsageError("--pin and --unpin contradict each other")
@@ -250,6 +259,8 @@ class LemonMagics(CatalogMagics, Magics):
                                                             completion)
 
     def _run_whole(self, call: Callable[..., Any], sampling: dict[str, Any]) -> Completion:
+        from lemon_magic._render import load_note
+
         try:
             completion: Completion = call(stream=False, **sampling)
         except errors.Interrupted as exc:
@@ -265,6 +276,8 @@ class LemonMagics(CatalogMagics, Magics):
 
     def _run_streamed(self, call: Callable[..., Any], sampling: dict[str, Any],
                       output: str | None = None) -> Completion | None:
+        from lemon_magic._render import load_note
+
         out = sys.stdout
         stream = call(stream=True, **sampling)  # starts nothing yet
         parts: list[str] = []
@@ -331,6 +344,8 @@ class LemonMagics(CatalogMagics, Magics):
         In [1]: %lemon_unload gemma3-270m
         unloaded gemma3-270m (pid 4242) in 0.1 s
         """
+        from lemon_magic._render import describe_unload
+
         args = _parse(self.lemon_unload, line)
         if args.all and args.model:
             raise UsageError("give a model or --all, not both")
@@ -358,8 +373,10 @@ class LemonMagics(CatalogMagics, Magics):
         """
         if line.strip():
             raise UsageError("%lemon_status takes no arguments")
+        from lemon_magic._render import StatusTable
+
         router = self.router
-        return _render.StatusTable(router.status(), router.serving)
+        return StatusTable(router.status(), router.serving)
 
     @_no_abbrev
     @magic_arguments()

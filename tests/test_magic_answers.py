@@ -6,7 +6,10 @@ when the remote is ``lemon-magic serve``."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,3 +149,31 @@ def test_an_openai_remote_pointed_at_lemon_magic_serve_shows_its_context_size(
         assert row.remote is not None and row.remote.options.get("ctx_size") == 384
     finally:
         client.unregister("far-tiny")
+
+
+LOAD_EXT_PROBE = """
+import sys
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+before = set(sys.modules)
+ip.run_line_magic("load_ext", "lemon_magic")
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_load_ext_imports_what_the_magics_need_only_when_they_first_run(tmp_path: Path) -> None:
+    """``%load_ext`` stays cheap (bench/bench_magics.py measures it: ≤ 100 ms, ≤ 15 MiB over a
+    bare shell): the router, its HTTP client and the renderers load with the first magic."""
+    out = subprocess.run([sys.executable, "-c", LOAD_EXT_PROBE], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    heavy = {"httpx", "anyio", "psutil", "lemon_magic.runtime", "lemon_magic.router",
+             "lemon_magic.registry", "lemon_magic._render", "lemon_magic._hub", "ipywidgets"}
+    assert not heavy & set(out), sorted(heavy & set(out))
+    assert "lemon_magic.magics" in out
+
+
+def test_the_magics_default_model_is_the_built_in_one() -> None:
+    from lemon_magic.magics import LemonMagics
+    from lemon_magic.registry import DEFAULT_MODEL
+
+    assert LemonMagics.class_traits()["default_model"].default_value == DEFAULT_MODEL
