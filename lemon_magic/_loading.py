@@ -58,6 +58,7 @@ async def run_load(router: AsyncRouter, m: Slot, load: Load,
             error = LoadError(f"load of {m.name!r} failed: {exc!r}", model=m.name)
         load.error = error
         m.end_load(error)
+        load.ridden.set()
         load.done.set()
         if not isinstance(exc, Exception):
             raise

@@ -59,6 +59,9 @@ class RouterConfig:
     remote_timeout: float = 10.0
     #: seconds a remote load may take (the remote may download the model first)
     remote_load_timeout: float = 600.0
+    #: explicit loads that may wait to change one model's options (each is one more reload
+    #: in a row); more are refused with ``LoadQueueFull`` (HTTP: 503 + Retry-After)
+    max_queued_loads: int = 4
 
     def __post_init__(self) -> None:
         """Every field checked whenever a config is made (``configure`` makes a new one with
@@ -77,11 +80,11 @@ class RouterConfig:
                 more = " or None (never)" if name in _MAY_BE_NONE else ""
                 raise InvalidOptions(f"{name} must be a {'non-negative' if zero_ok else 'positive'} "
                                      f"finite number of seconds{more}, got {value!r}")
-        for name in ("log_lines", "port_retries", "memory_limit"):
+        for name in ("log_lines", "port_retries", "memory_limit", "max_queued_loads"):
             value = getattr(self, name)
             if value is None and name == "memory_limit":
                 continue
-            low = 0 if name == "port_retries" else 1
+            low = 0 if name in ("port_retries", "max_queued_loads") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidOptions(f"{name} must be an integer of at least {low}, got {value!r}")
         for kind, count in dict(self.max_loaded).items():

@@ -40,7 +40,7 @@ from lemon_magic.errors import BackendExited, IllegalTransition, LemonError, Loa
 from lemon_magic.options import LoadOptions, ResolvedOptions
 from lemon_magic.registry import ModelSpec
 
-__all__ = ("Load", "Slot")
+__all__ = ("Load", "Ride", "Slot")
 
 log = logging.getLogger("lemon_magic.router")
 
@@ -54,6 +54,17 @@ _INVARIANTS: dict[ModelState, Callable[[Slot], bool]] = {
     _S.CRASHED: lambda s: s.process is None and s.load is None,
     _S.FAILED: lambda s: s.process is None and s.options is None and s.load is None,
 }
+
+
+@dataclass(eq=False)
+class Ride:
+    """An inference request waiting for a load in flight: admitted (counted in flight) the
+    moment that load makes the model ready, so a reload that comes next drains it instead of
+    making it wait again (issue 21: a queue of reloads starved inference)."""
+
+    admitted: bool = False
+    #: the caller stopped waiting (timeout, Stop): not to be admitted
+    gone: bool = False
 
 
 @dataclass(eq=False)
@@ -72,6 +83,10 @@ class Load:
     seconds: float = 0.0
     #: the models stopped to make room for it (name → pid, ``None``: it was still loading)
     evicted: dict[str, int | None] = field(default_factory=dict)
+    #: inference requests riding on it (see :class:`Ride`), and the event that wakes them: set
+    #: once the model is ready (before ``done``, which waits for deferred evictions) or failed
+    rides: list[Ride] = field(default_factory=list)
+    ridden: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Slot(InFlight):
@@ -107,6 +122,8 @@ class Slot(InFlight):
         self.dead_pid: int | None = None
         #: cancel scopes of the tasks that watch the ready process (crash, idle)
         self.watchers: list[anyio.CancelScope] = []
+        #: explicit loads waiting to reload it after the load in flight (``max_queued_loads``)
+        self.queued_loads = 0
 
     # ----------------------------------------------------------------- state
 
@@ -152,6 +169,11 @@ class Slot(InFlight):
         load.process = process
         self.touch()
         self.set_state(ModelState.READY, f"pid {process.pid}, {self.load_seconds:.2f} s")
+        for ride in load.rides:  # with the transition, no await: nothing can reload in between
+            if not ride.gone:
+                self.admit()
+                ride.admitted = True
+        load.ridden.set()
 
     def end_load(self, error: LemonError) -> None:
         """The load failed or was cancelled (its processes are stopped already)."""
@@ -162,6 +184,13 @@ class Slot(InFlight):
             self.count_failure()
         self.set_state(ModelState.UNLOADED if cancelled else ModelState.FAILED,
                        str(error).splitlines()[0])
+
+    def unride(self, ride: Ride) -> None:
+        """A request riding on a load stopped waiting: not admitted later, or released now."""
+        ride.gone = True
+        if ride.admitted:
+            ride.admitted = False
+            self.release(served=False)
 
     def begin_stop(self, reason: str) -> None:
         """Under the router's lock: a ready model starts stopping (unload, eviction, idle)."""

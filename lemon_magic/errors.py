@@ -20,6 +20,7 @@ fields a UI needs (``model``, ``returncode``, ``log_tail``)::
     │   ├── BackendCrashed          the backend exited while serving the request
     │   └── RequestTimeout          the request ran past its deadline or idle gap
     ├── WaitTimeout                 a bounded wait ran out
+    ├── LoadQueueFull               too many loads with other options already wait for the model
     ├── RemoteError                 a remote server gave an answer lemon_magic cannot use
     │   ├── RemoteUnreachable       no answer: refused, timed out, TLS failed
     │   └── RemoteAuthError         the remote refused the API key (401/403)
@@ -62,6 +63,7 @@ __all__ = (
     "LemonError",
     "LoadCancelled",
     "LoadError",
+    "LoadQueueFull",
     "ModelNotFound",
     "ModelNotLoaded",
     "NotDownloaded",
@@ -212,6 +214,18 @@ class RequestTimeout(InferenceError):
 
 class WaitTimeout(LemonError):
     """Raised when a bounded wait (for a load, or for requests to drain) runs out."""
+
+
+class LoadQueueFull(LemonError):
+    """Raised by an explicit load when ``queued`` loads asking the model for other options
+    already wait for it (``RouterConfig.max_queued_loads``): each would be one more reload in a
+    row. ``retry_after`` is a guess, in seconds, of when the queue has moved (issue 21)."""
+
+    def __init__(self, model: str, queued: int, retry_after: int) -> None:
+        super().__init__(f"{queued} loads of {model!r} with other options are already waiting; "
+                         f"retry in {retry_after} s", model=model)
+        self.queued = queued
+        self.retry_after = retry_after
 
 
 class RemoteError(LemonError):

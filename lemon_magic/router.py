@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -55,7 +56,7 @@ from lemon_magic._records import (
     UnloadResult,
 )
 from lemon_magic._resolve import Resolver
-from lemon_magic._slot import Load, Slot
+from lemon_magic._slot import Load, Ride, Slot
 from lemon_magic._tasks import Tasks
 from lemon_magic.backends import Backend, default_backends
 from lemon_magic.backends._pidfile import reap_orphans
@@ -64,6 +65,7 @@ from lemon_magic.errors import (
     InvalidOptions,
     LemonError,
     LoadError,
+    LoadQueueFull,
     NotEnoughMemory,
     RouterClosed,
     WaitTimeout,
@@ -273,10 +275,31 @@ class AsyncRouter:
             return await _remoting.ensure_loaded(self, spec, requested, explicit=explicit, pin=pin,
                                                  acquire=_acquire)
         name = spec.name
+        deadline = began + self.config.load_wait_timeout
+        seat: list[Slot] = []  # the slot whose queue of reloads this caller waits in, if any
+        try:
+            return await self._decide_until_done(name, spec, requested, explicit, pin, _acquire,
+                                                 began, deadline, seat)
+        finally:
+            for m in seat:
+                m.queued_loads -= 1
+
+    async def _decide_until_done(self, name: str, spec: ModelSpec, requested: LoadOptions,
+                                 explicit: bool, pin: bool | None, acquire: bool, began: float,
+                                 deadline: float, seat: list[Slot]) -> LoadResult:
+        """``ensure_loaded``'s loop: decide under the lock, wait outside it, decide again.
+
+        Two rules keep one model's callers fair (issue 21). An inference request that finds a
+        load in flight rides on it (:class:`~lemon_magic._slot.Ride`): it is admitted when that
+        load makes the model ready, so it waits for at most the reload in progress, never for
+        the reloads queued after it. An explicit load that would reload the model again after
+        the one in flight takes a seat in the model's queue (``seat``); with
+        ``max_queued_loads`` seats taken it is refused at once (:class:`LoadQueueFull`).
+        """
         joined: Load | None = None
         started_here: Load | None = None
-        deadline = began + self.config.load_wait_timeout
         while True:
+            ride: Ride | None = None
             async with self._lock:
                 if self._closed:
                     raise RouterClosed()
@@ -288,7 +311,7 @@ class AsyncRouter:
                     assert m.process is not None and m.options is not None
                     m.touch()
                     self._apply_caller(m, requested, pin, explicit)
-                    if _acquire:  # counted under the lock, with the decision: no eviction between
+                    if acquire:  # counted under the lock, with the decision: no eviction between
                         m.admit()
                     done = joined or started_here
                     return LoadResult(
@@ -304,22 +327,53 @@ class AsyncRouter:
                     started_here = self._start_load(m, spec, wanted, decision)  # raises first
                     self._models[name] = m
                     self._apply_caller(m, requested, pin, explicit)
+                    for queued in seat:  # no longer queued: this caller's reload is the one now
+                        queued.queued_loads -= 1
+                    seat.clear()
                     load: Load | None = started_here
                     wait_for = started_here.done
                 elif decision is Decision.WAIT_LOAD:
                     assert m.load is not None
                     load = joined = m.load
                     wait_for = load.done
+                    if acquire and not explicit:
+                        ride = Ride()
+                        load.rides.append(ride)
+                        wait_for = load.ridden
+                    elif explicit and load.options != wanted and not seat:
+                        if m.queued_loads >= self.config.max_queued_loads:
+                            raise LoadQueueFull(name, m.queued_loads, max(1, math.ceil(
+                                (m.load_seconds or 1.0) * (m.queued_loads + 1))))
+                        m.queued_loads += 1
+                        seat.append(m)
                 else:  # WAIT_STOP
                     load = None
                     wait_for = m.changed
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
-                await wait_for.wait()
+            try:
+                with anyio.move_on_after(max(deadline - time.monotonic(), 0)) as waited:
+                    await wait_for.wait()
+            except BaseException:
+                if ride is not None:
+                    m.unride(ride)
+                raise
             if waited.cancelled_caught:
+                if ride is not None:
+                    m.unride(ride)
                 raise WaitTimeout(f"gave up waiting for {name!r} after "
                                   f"{self.config.load_wait_timeout:g} s (it is still {m.state})",
                                   model=name)
             if load is None:
+                continue
+            if ride is not None and ride.admitted:
+                assert load.process is not None
+                if m.process is load.process:  # admitted when it became ready: use it as it is
+                    self._apply_caller(m, requested, pin, explicit)
+                    return LoadResult(
+                        name, load.action, load.options.backend, load.process.pid,
+                        load.process.url, load.options, time.monotonic() - began, load.seconds,
+                        joined=True, options_differ=load.options.diff(wanted),
+                        previous_options=load.previous, evicted=dict(load.evicted))
+                m.unride(ride)  # already stopped again (after drain_timeout): decide again
                 continue
             if load.error is not None:
                 if isinstance(load.error, LemonError):
@@ -329,7 +383,7 @@ class AsyncRouter:
                 m.failures, m.retry_at = 0, 0.0  # the user asked and it worked
                 if m.process is load.process:  # a joiner's pin and options apply too
                     self._apply_caller(m, requested, pin, explicit)
-            if explicit and not _acquire and load.options == wanted and load.process is not None:
+            if explicit and not acquire and load.options == wanted and load.process is not None:
                 # the load we started or joined did what we asked: report it, even if a
                 # later caller has already changed the model again (no ping-pong)
                 return LoadResult(name, load.action, wanted.backend, load.process.pid,

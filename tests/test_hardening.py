@@ -15,10 +15,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import pytest
 
@@ -542,3 +544,101 @@ def test_bytes_in_flight_across_requests_are_bounded(
     finally:
         for s in slow:
             s.close()
+
+
+# ----------------------------------------------------------------- 8. fair admission
+
+def test_a_completion_waits_for_one_reload_not_a_queue_of_them(srv: tuple[Router, httpx.Client]) -> None:
+    """200 concurrent loads of the embedded model, each with another ctx_size: a few queue
+    (the rest are refused with 503 and Retry-After at once) and a completion sent meanwhile
+    is answered within two reload times (it used to wait behind the queued reloads)."""
+    router, http = srv
+    model = "gemma3-270m"
+    assert http.post("/load", json={"model_name": model, "ctx_size": 256}).status_code == 200
+    one = http.post("/load", json={"model_name": model, "ctx_size": 288})
+    assert one.json()["action"] == "reloaded", one.text
+    reload_seconds = one.json()["seconds"]
+    spawns = router.async_router.spawn_count
+    base = str(http.base_url).rstrip("/")
+
+    async def scenario() -> tuple[list[httpx.Response], float]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        loads: list[httpx.Response] = []
+        async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+            async def load(ctx: int) -> None:
+                loads.append(await client.post(base + "/load", json={"model_name": model,
+                                                                     "ctx_size": ctx}))
+
+            async with anyio.create_task_group() as tg:
+                for ctx in range(320, 320 + 200):
+                    tg.start_soon(load, ctx)
+                await anyio.sleep(0.5)  # they are all in: one reloads, a few queue
+                t0 = time.monotonic()
+                done = await client.post(base + "/completions", json={
+                    "model": model, "prompt": "Once upon a time", "max_tokens": 2})
+                took = time.monotonic() - t0
+                print(f"completion: {done.status_code} after {took:.2f} s", flush=True)
+                assert done.status_code == 200, done.text
+        return loads, took
+
+    loads, took = anyio.run(scenario)
+    statuses = Counter(r.status_code for r in loads)
+    busy = [r for r in loads if r.status_code == 503]
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(r.headers.get("retry-after", "").isdigit() for r in busy)
+    assert all("retry in" in r.text for r in busy[:1]), busy[:1]
+    reloads = router.async_router.spawn_count - spawns
+    print(f"one reload {reload_seconds:.2f} s; the completion took {took:.2f} s among 200 loads "
+          f"({statuses[200]} done, {statuses[503]} refused, {reloads} reloads)")
+    assert took < 2 * reload_seconds, (took, reload_seconds)
+    assert statuses[503] >= 150 and reloads <= statuses[200]
+    assert http.post("/unload", json={"model_name": model}).status_code == 200
+
+
+def test_queued_reloads_are_bounded_and_a_request_that_gives_up_holds_nothing(
+        tmp_path: Path, tiny_model: str) -> None:
+    """With a load held in flight (a fake backend that is not healthy yet): one explicit load
+    with other options may queue (``max_queued_loads=1``), the next is refused at once; an
+    inference request that rides on the load and gives up (its wait timed out) is not counted
+    in flight once the load ends."""
+    from lemon_magic import LoadQueueFull, ModelState, WaitTimeout
+    from tests.fakes import FakeBackend
+
+    gate = tmp_path / "gate"
+    router = Router(RouterConfig(load_wait_timeout=1.5, max_queued_loads=1, drain_timeout=1),
+                    backends={"fake": FakeBackend(gate=gate)})
+    try:
+        router.register("f", tiny_model)
+        outcomes: list[object] = []
+
+        def load(ctx: int) -> None:
+            try:
+                outcomes.append(router.load("f", ctx_size=ctx, backend="fake"))
+            except Exception as exc:
+                outcomes.append(exc)
+
+        first = threading.Thread(target=load, args=(256,))
+        first.start()
+        while not any(s.state is ModelState.LOADING for s in router.status()):
+            time.sleep(0.01)
+        queued = threading.Thread(target=load, args=(512,))
+        queued.start()
+        while router.async_router._models["f"].queued_loads == 0:
+            time.sleep(0.01)
+        began = time.monotonic()
+        with pytest.raises(LoadQueueFull, match="retry in"):
+            router.load("f", ctx_size=1024, backend="fake")
+        assert time.monotonic() - began < 0.5
+        with pytest.raises(WaitTimeout):
+            router.complete("f", "a", max_tokens=1)
+        gate.touch()
+        first.join(30)
+        queued.join(30)
+        deadline = time.monotonic() + 20
+        while router.status()[0].state is not ModelState.READY and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [status] = router.status()
+        assert status.state is ModelState.READY and status.requests_in_flight == 0
+        assert router.async_router._models["f"].queued_loads == 0
+    finally:
+        router.close()

@@ -26,6 +26,7 @@ from lemon_magic.errors import (
     InvalidOptions,
     LemonError,
     LoadError,
+    LoadQueueFull,
     ModelNotFound,
     ModelNotLoaded,
     PullError,
@@ -61,6 +62,7 @@ ERROR_STATUS: tuple[tuple[type[LemonError], int, str], ...] = (
     (ModelNotLoaded, 404, "model_not_loaded"),
     (InvalidOptions, 400, "invalid_request_error"),
     (SlotsFull, 409, "slots_pinned_error"),
+    (LoadQueueFull, 503, "load_queue_full"),  # with Retry-After
     (RequestTimeout, 504, "timeout"),
     (WaitTimeout, 504, "timeout"),
     (RemoteUnreachable, 502, "remote_unreachable"),  # a remote model's server: a bad gateway
@@ -102,7 +104,8 @@ def error_response(exc: LemonError) -> JSONResponse:
     if code == "model_not_found":
         body["param"] = "model"
         body["message"] += "; GET /api/v1/models?show_all=true lists every model"
-    return JSONResponse({"error": body}, status)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, LoadQueueFull) else None
+    return JSONResponse({"error": body}, status, headers=headers)
 
 
 def bad(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
