@@ -530,9 +530,13 @@ def test_bytes_in_flight_across_requests_are_bounded(
             s = socket.create_connection((parts.hostname, parts.port), timeout=30)
             s.sendall(head + b'{"model": "tiny", "prompt": "' + b"x" * (15 * 2**20 - 100))
             slow.append(s)
-        time.sleep(0.5)  # the server has read what they sent
         with httpx.Client(timeout=30, trust_env=False) as http:
-            r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
+            deadline = time.monotonic() + 15
+            while True:  # until the server has read what they sent (a busy machine is slow)
+                r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
+                if r.status_code != 404 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert r.status_code == 429, (r.status_code, r.text[:200])
             assert "in flight" in r.text and r.headers.get("retry-after"), (r.text, r.headers)
             for s in slow:
