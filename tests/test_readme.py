@@ -215,3 +215,13 @@ def test_the_benchmarks_page_is_generated_from_the_results() -> None:
 
 def test_no_issue_numbers_or_test_files_in_the_readme() -> None:
     assert not re.findall(r"issue \d+|tests/test_\w+\.py", README)
+
+
+def test_the_stop_lines_are_what_the_magics_print() -> None:
+    from lemon_magic._magic_args import _interrupted
+
+    happens = _section("What happens when …")
+    load = _interrupted(errors.Interrupted("MODEL", "load"))._render_traceback_()[0]
+    assert f'"{load}"' in happens
+    for phase in ("stream", "request"):
+        assert f'"{errors.Interrupted("MODEL", phase)}"' in happens
