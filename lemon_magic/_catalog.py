@@ -37,11 +37,14 @@ async def register(router: AsyncRouter, name: str, path: str | os.PathLike[str],
 
 
 async def register_pulled(router: AsyncRouter, name: str, path: str, checkpoint: str, *, kind: str,
-                          description: str, defaults: LoadOptions) -> ModelSpec:
+                          description: str, defaults: LoadOptions, files: tuple[str, ...] = (),
+                          downloaded: tuple[str, ...] = ()) -> ModelSpec:
     """Register a pulled file (see :meth:`Registry.register_pulled`: a name registered before
-    keeps its saved options, kind and description)."""
+    keeps its saved options, kind and description; ``downloaded``: the pull's files it transferred,
+    the only ones ``delete`` removes)."""
     return await _register_local(router, name, lambda: router.registry.register_pulled(
-        name, path, checkpoint, kind=kind, description=description, defaults=defaults))
+        name, path, checkpoint, kind=kind, description=description, defaults=defaults, files=files,
+        downloaded=downloaded))
 
 
 async def _register_local(router: AsyncRouter, name: str, write: Callable[[], ModelSpec]) -> ModelSpec:

@@ -42,7 +42,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -55,6 +55,7 @@ from lemon_magic._hubcache import (
     _repo_folder,
     downloaded_checkpoints,
     find_local,
+    remove_files,
     remove_local,
 )
 from lemon_magic._hubfiles import (
@@ -80,7 +81,7 @@ from lemon_magic.errors import (
 
 __all__ = ("DEFAULT_VARIANTS", "Checkpoint", "HubSettings", "PullProgress", "PulledModel", "RepoFile",
            "Selection", "choose_files", "downloaded_checkpoints", "find_local", "list_variants", "pull",
-           "remove_local", "remote_variants", "variant_label")
+           "remove_files", "remove_local", "remote_variants", "variant_label")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -415,6 +416,7 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
     transfer = _Transfer(str(ck), total, progress, cancel)
     bars = functools.partial(_Transfer.bar, transfer)
     blobs = _repo_folder(s, ck.repo_id) / "blobs"
+    resumed: set[str] = set()
     for f in todo:
         transfer.begin(f, blobs, verify=verify)
         transfer.check()
@@ -422,6 +424,7 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
             if transfer.keep is not None and transfer.keep.exists() and \
                     _resume(ck, s, f, transfer.keep, transfer, bars):
                 transfer.transferred.discard(f.name)  # completed and checked: no second hash
+                resumed.add(f.name)  # the bytes of an interrupted pull of ours: ours too
             path = hf_hub_download(ck.repo_id, f.name, revision=ck.revision, cache_dir=s.cache_dir,
                                    endpoint=s.endpoint, tqdm_class=cast(Any, bars))
         except Exception as exc:
@@ -444,7 +447,8 @@ def pull(checkpoint: str | Checkpoint, *, progress: Callable[[PullProgress], Non
     if progress is not None:
         transfer.file = selection.files[-1].name
         transfer.advance(total - transfer.done, finished=True)
-    return _pulled(ck, commits.pop(), selection, paths, moved)
+    fetched = tuple(paths[f.name] for f in todo if f.name in transfer.transferred or f.name in resumed)
+    return replace(_pulled(ck, commits.pop(), selection, paths, moved), fetched=fetched)
 
 
 def remote_variants(repo: str | Checkpoint, *, settings: HubSettings | None = None) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 huggingface_hub's cache layout (``models--org--repo/{blobs,snapshots/<commit>,refs}``)
 is read as it is; a file is downloaded when its snapshot link resolves. Removing a
-checkpoint removes its links and the blobs no other link uses.
+checkpoint removes its links and the blobs no other link uses; :func:`remove_files` removes
+only the given files (what a pull of ours downloaded), the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from lemon_magic._hubfiles import (
 )
 from lemon_magic.errors import PullError
 
-__all__ = ("HubSettings", "PulledModel", "downloaded_checkpoints", "find_local", "remove_local")
+__all__ = ("HubSettings", "PulledModel", "downloaded_checkpoints", "find_local", "remove_files",
+           "remove_local")
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -40,6 +42,9 @@ class PulledModel:
     mmproj: str | None
     size: int  #: bytes of all files
     downloaded: int = 0  #: bytes this call transferred (0: everything was cached)
+    #: local paths of the files this call transferred (or completed from an interrupted pull of
+    #: ours); the others were in the cache already, put there by anyone
+    fetched: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,31 @@ def remove_local(checkpoint: str | Checkpoint, *, settings: HubSettings | None =
         keep_mmproj = bool(models - gone)
         doomed.update(snapshot / f.name for f in selection.files
                       if not (f is selection.mmproj and keep_mmproj))
+    return _unlink(doomed, snapshots)
+
+
+def remove_files(paths: tuple[str, ...] | list[str]) -> int:
+    """Remove these snapshot links of the Hub's cache and the blobs no other link of their repo
+    uses; returns the bytes freed. A path that is not a link in a ``snapshots`` folder, or is
+    gone already, is left alone."""
+    doomed: set[Path] = set()
+    snapshots: set[Path] = set()
+    for p in map(Path, paths):
+        parts = p.parts
+        if not p.is_symlink() or "snapshots" not in parts:
+            continue
+        at = len(parts) - 1 - parts[::-1].index("snapshots")
+        if len(parts) < at + 3:  # .../snapshots/<commit>/<file>
+            continue
+        repo = Path(*parts[:at])
+        doomed.add(p)
+        snapshots.update(s for s in (repo / "snapshots").glob("*") if s.is_dir())
+    return _unlink(doomed, sorted(snapshots))
+
+
+def _unlink(doomed: set[Path], snapshots: list[Path]) -> int:
+    """Unlink ``doomed`` (snapshot links), then the blobs no link in ``snapshots`` uses, then the
+    snapshot folders left empty; returns the bytes freed."""
     blobs = {Path(os.path.realpath(p)) for p in doomed}
     for link in doomed:
         link.unlink()

@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,10 @@ class ModelSpec:
     checkpoint: str | None = None
     #: a remote model: the server that serves it (``path`` is then unused)
     remote: RemoteSpec | None = None
+    #: a pulled model: the files (snapshot links in the Hub's cache) that pulls of ours downloaded,
+    #: the only ones ``delete`` removes; ``None``: not recorded (an entry written before this
+    #: field was, or not pulled), so ``delete`` removes none
+    downloaded: tuple[str, ...] | None = None
 
     @property
     def info(self) -> GGUFInfo:
@@ -133,11 +137,13 @@ def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
         if not isinstance(defaults, dict):
             raise TypeError("its defaults are not a table")
         checkpoint = entry.get("checkpoint")
+        downloaded = entry.get("downloaded")
         return ModelSpec(name, Path(entry.get("path") or ""), kind,
                          LoadOptions.from_kwargs(defaults), "user",
                          str(entry.get("description", "")),
                          checkpoint if isinstance(checkpoint, str) else None,
-                         _remote_spec(remote) if isinstance(remote, dict) else None)
+                         _remote_spec(remote) if isinstance(remote, dict) else None,
+                         _paths(downloaded) if isinstance(downloaded, list) else None)
     except (TypeError, InvalidOptions) as exc:
         problem = exc.message if isinstance(exc, InvalidOptions) else str(exc)
         raise InvalidModelFile(str(registry), f"has a malformed entry for {name!r}: {problem} "
@@ -147,6 +153,22 @@ def _user_spec(registry: Path, name: str, entry: object) -> ModelSpec:
 def _remote_spec(fields: dict[str, Any]) -> RemoteSpec:
     return parse_remote(fields.get("url"), fields.get("remote_model"), fields.get("api", "lemonade"),
                         fields.get("api_key_env"))
+
+
+def _paths(items: list[Any]) -> tuple[str, ...]:
+    return tuple(p for p in items if isinstance(p, str))
+
+
+def _ours(old: dict[str, Any] | None, new: Iterable[str] = (), linked: Iterable[str] = ()) -> list[str]:
+    """The files pulls of ours downloaded, for an entry that was ``old``: those it recorded that are
+    still there, ``new`` ones, and the ``linked`` ones whose blob is one of those (a pull again
+    links a new snapshot to the blob we downloaded before). An entry that recorded none (written
+    before this field was) owns only ``new``: what it had stays, as it would have."""
+    had = old.get("downloaded") if old is not None else None
+    owned = [p for p in _paths(had) if os.path.lexists(p)] if isinstance(had, list) else []
+    blobs = {os.path.realpath(p) for p in owned}
+    owned += [p for p in linked if os.path.realpath(p) in blobs]
+    return list(dict.fromkeys([*owned, *new]))
 
 
 def _size(path: Path) -> int | None:
@@ -302,21 +324,27 @@ class Registry:
         entry = _entry(kind, description, LoadOptions.from_kwargs(defaults))
 
         def change(old: dict[str, Any] | None) -> dict[str, Any]:
-            if checkpoint:
-                return {**entry, "path": str(file), "checkpoint": checkpoint}
+            if checkpoint:  # a file in the Hub's cache that a pull of ours did not download
+                return {**entry, "path": str(file), "checkpoint": checkpoint, "downloaded": []}
             if old is not None and isinstance(old.get("checkpoint"), str) \
                     and isinstance(old.get("path"), str) and _same_file(old["path"], file):
-                return {**entry, "path": old["path"], "checkpoint": old["checkpoint"]}
+                kept: dict[str, Any] = {k: old[k] for k in ("checkpoint", "downloaded") if k in old}
+                return {**entry, "path": old["path"], **kept}
             return {**entry, "path": str(file)}
 
         return self._saved(name, change)
 
     def register_pulled(self, name: str, path: str | os.PathLike[str], checkpoint: str, *,
                         kind: str = "llm", description: str = "",
-                        defaults: LoadOptions | None = None) -> ModelSpec:
+                        defaults: LoadOptions | None = None, files: Iterable[str] = (),
+                        downloaded: Iterable[str] = ()) -> ModelSpec:
         """Register a pulled file (a snapshot link in the Hub's cache) as ``name``: a name
         registered before keeps its kind, saved options and description; ``kind``,
-        ``description`` and ``defaults`` are for a new name (the catalogue's recipe)."""
+        ``description`` and ``defaults`` are for a new name (the catalogue's recipe).
+
+        ``files`` are all the pull's files and ``downloaded`` those it transferred: they join
+        the files pulls of ours downloaded before under this name (the only ones ``delete``
+        removes)."""
         _check_name(name, pulled=True)
         self._check_new(name, kind)
         file = Path(path).expanduser().absolute()
@@ -326,7 +354,8 @@ class Registry:
         def change(old: dict[str, Any] | None) -> dict[str, Any]:
             kept: dict[str, Any] = {k: old[k] for k in ("kind", "defaults", "description")
                     if old is not None and k in old and (k != "description" or old[k])}
-            return {**entry, **kept, "path": str(file), "checkpoint": checkpoint}
+            return {**entry, **kept, "path": str(file), "checkpoint": checkpoint,
+                    "downloaded": _ours(old, downloaded, files)}
 
         return self._saved(name, change)
 
@@ -367,6 +396,19 @@ class Registry:
             return {**old, "defaults": saved}
 
         return self._saved(name, change)
+
+    def adopt_downloaded(self, names: Iterable[str], paths: Iterable[str]) -> None:
+        """Add ``paths`` (files a pull of ours downloaded) to the downloaded files of each pulled
+        registration in ``names``: a ``delete`` that keeps them for those hands them on, so the
+        last one deleted removes them. A name that is gone, or not pulled, is left alone."""
+        given = list(paths)
+        for name in names:
+            def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
+                if old is None or not isinstance(old.get("checkpoint"), str):
+                    return old
+                return {**old, "downloaded": _ours(old, given)}
+
+            self._change(name, change)
 
     def unregister(self, name: str) -> None:
         """Forget a user registration.
