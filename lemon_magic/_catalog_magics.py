@@ -84,8 +84,9 @@ class CatalogMagics:
         In [1]: %lemon_delete qwen-small
         deleted qwen-small (removed 805 MB from the Hugging Face cache)
 
-        Files another registration pulled from the same repo uses are kept, and it says so;
-        the built-in model cannot be deleted.
+        Only files a pull of ours downloaded are removed: files that were in the Hugging Face
+        cache before (another tool's), and files another registration pulled from the same repo
+        uses, are kept, and it says which and why; the built-in model cannot be deleted.
         """
         args = _parse(self.lemon_delete, line)
         result = self.router.delete(args.name)
@@ -94,11 +95,10 @@ class CatalogMagics:
             parts.append(f"unloaded pid {result.unloaded_pid}")
         if result.freed:
             parts.append(f"removed {result.freed / 1e6:.0f} MB from the Hugging Face cache")
-        if result.kept_for:
-            others = ", ".join(result.kept_for)
-            parts.append(f"its files are kept in the Hugging Face cache: {others} "
-                         f"{'was' if len(result.kept_for) == 1 else 'were'} pulled from the "
-                         "same repo (%lemon_delete that too to remove them)")
+        if result.kept:
+            n = len(result.kept)
+            parts.append(f"kept {n} file{'' if n == 1 else 's'} in the Hugging Face cache: "
+                         + result.kept_why.replace("(delete that", "(%lemon_delete that"))
         print(f"deleted {result.model}" + (f" ({'; '.join(parts)})" if parts else ""))
 
     @_no_abbrev

@@ -308,7 +308,8 @@ class Pulls:
         saved options, kind and description (decided on a fresh read under the registry's lock)."""
         await _catalog.register_pulled(self._router, target.name, pulled.path, pulled.checkpoint,
                                        kind=target.kind, description=target.description,
-                                       defaults=target.defaults)
+                                       defaults=target.defaults, files=pulled.files,
+                                       downloaded=pulled.fetched)
         return PullResult(target.name, pulled.checkpoint, pulled.path, pulled.size, pulled.downloaded,
                           time.monotonic() - began)
 
@@ -329,8 +330,12 @@ class Pulls:
         self._router._emit(RouterEvent(name, ModelState.UNLOADED, ModelState.UNLOADED, now, 0.0, detail))
 
     async def delete(self, name: str) -> DeleteResult:
-        """Unload ``name`` if it is loaded, forget its registration, and remove its files from
-        the Hub's cache if it was pulled (files another registration uses stay).
+        """Unload ``name`` if it is loaded, forget its registration, and remove from the Hub's
+        cache the files that pulls of ours downloaded for it. The others stay, and the result
+        says which and why: files that were in the cache before our pull (another tool's, or
+        another user's), all of them when another registration was pulled from the same repo
+        (it inherits what we downloaded, so the last one deleted removes it), and all of them
+        for an entry written before the downloaded files were recorded (it cannot tell).
 
         :raises ModelNotFound: ``name`` is not a user registration.
         """
@@ -351,11 +356,25 @@ class Pulls:
         unloaded = await router.unregister(name) or unloaded
         freed = 0
         kept_for: tuple[str, ...] = ()
+        kept: tuple[str, ...] = ()
+        why = ""
         if spec.checkpoint is not None:
             kept_for = self._shared(spec.path)
-            if not kept_for:
-                freed = await anyio.to_thread.run_sync(_hub.remove_local, spec.checkpoint)
-        return DeleteResult(name, unloaded.pid if unloaded else None, freed, kept_for)
+            owned = spec.downloaded
+            files = await anyio.to_thread.run_sync(_local_files, spec)  # while a split one is whole
+            if kept_for:
+                if owned:
+                    await anyio.to_thread.run_sync(router.registry.adopt_downloaded, kept_for, owned)
+                why = (f"{', '.join(kept_for)} {'was' if len(kept_for) == 1 else 'were'} pulled "
+                       "from the same repo (delete that too to remove them)")
+            elif owned is None:
+                why = KEPT_OLD_ENTRY
+            else:
+                freed = await anyio.to_thread.run_sync(_hub.remove_files, owned)
+                why = KEPT_NOT_OURS
+            kept = tuple(f for f in files if os.path.exists(f))
+            why = why if kept else ""
+        return DeleteResult(name, unloaded.pid if unloaded else None, freed, kept_for, kept, why)
 
     def _shared(self, path: Path) -> tuple[str, ...]:
         """The other registrations pulled into the same repo folder of the same cache
@@ -370,6 +389,24 @@ class Pulls:
             if spec.checkpoint is not None and _repo_folder(spec.path) == folder:
                 out.append(other)
         return tuple(out)
+
+
+#: why ``delete`` keeps a pulled model's files: our pull found them in the cache
+KEPT_NOT_OURS = ("lemon_magic did not download them: they were in the Hugging Face cache before "
+                 "its pull (another tool or user put them there; remove them with `hf cache delete` "
+                 "if nothing else needs them)")
+#: why ``delete`` keeps the files of an entry written before the downloaded files were recorded
+KEPT_OLD_ENTRY = ("the model was registered before lemon_magic recorded which files its pulls "
+                  "download, so it cannot tell whether another tool put them there (remove them with "
+                  "`hf cache delete` if nothing else needs them)")
+
+
+def _local_files(spec: ModelSpec) -> tuple[str, ...]:
+    """The files of ``spec``'s checkpoint still in the Hub's cache (its snapshot links)."""
+    assert spec.checkpoint is not None
+    found = _hub.find_local(spec.checkpoint)
+    files = [*(found.files if found is not None else ()), *(spec.downloaded or ())]
+    return tuple(f for f in dict.fromkeys(files) if os.path.exists(f))
 
 
 def _repo_folder(path: Path) -> str:

@@ -174,6 +174,11 @@ class DeleteResult:
     #: the other registrations pulled from the same repo, whose files kept the model's files
     #: in the Hub's cache (removing a checkpoint's files touches every snapshot of its repo)
     kept_for: tuple[str, ...] = ()
+    #: the model's files left in the Hub's cache (snapshot links): only files a pull of ours
+    #: downloaded are removed
+    kept: tuple[str, ...] = ()
+    #: why ``kept`` stayed, one sentence ("" when nothing was kept)
+    kept_why: str = ""
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,9 @@ class ModelsApi:
         except LemonError as exc:
             return error_response(exc)
         return JSONResponse({"status": "success", "message": f"Deleted model: {model}",
-                             "unloaded_pid": result.unloaded_pid, "freed_bytes": result.freed})
+                             "unloaded_pid": result.unloaded_pid, "freed_bytes": result.freed,
+                             "kept": list(result.kept), "kept_for": list(result.kept_for),
+                             "kept_reason": result.kept_why})
 
     # ------------------------------------------------------------- models/{id}/options
 
