@@ -167,7 +167,10 @@ MAX_DEPTH = 64
 #: it is answered); past it a new body is a 429
 MAX_IN_FLIGHT = 64 * 1024 * 1024
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+#: a JSON string; one left open runs to the end of the body, so that every match attempt succeeds
+#: (a pattern that must find the closing quote rescans the rest of the body from every ``"`` of an
+#: unclosed string: minutes for a few hundred KB of ``"\\``, on the router's loop)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*(?:"|\Z)')
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
 

@@ -152,8 +152,9 @@ class _Api:
         try:
             body = await read_body(request, required=False)
         except BadRequest as exc:
-            if exc.status == 413 or isinstance(exc, NonFiniteNumber):
-                raise  # a body Python reads but JSON does not: a 400, never "unload all"
+            if exc.status != 400 or isinstance(exc, NonFiniteNumber):
+                raise  # too large, too much in flight, or a body Python reads but JSON does not:
+                # its own answer, never "unload all"
             body = None  # as in Lemonade: a body that is not JSON means "unload all"
         body = body or {}
         model = body.get("model_name", body.get("model"))
