@@ -112,10 +112,13 @@ def test_the_readme_has_sessions_to_check() -> None:
 
 @pytest.mark.real
 @pytest.mark.parametrize("session", SESSIONS, ids=[f"line{s.line}" for s in SESSIONS])
-def test_readme_session_prints_what_it_quotes(session: Session, ip: InteractiveShell) -> None:
-    # each session starts as a new kernel would: the extension not loaded, nothing loaded
+def test_readme_session_prints_what_it_quotes(session: Session, ip: InteractiveShell, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # each session starts as a new user's first kernel would: the extension not loaded, nothing
+    # loaded, nothing registered (other tests' registrations stay in the suite's config dir)
     ip.run_line_magic("unload_ext", "lemon_magic")
-    get_router().unload_all()
+    get_router().close()
+    monkeypatch.setenv("LEMON_MAGIC_CONFIG_DIR", str(tmp_path / "config"))
     for cell in session.cells:
         got = run_cell(ip, cell.source)
         assert mask(got) == mask(cell.expected), (
