@@ -359,8 +359,9 @@ class Pulls:
         kept: tuple[str, ...] = ()
         why = ""
         if spec.checkpoint is not None:
-            kept_for = self._shared(spec.path)
             owned = spec.downloaded
+            # every repo whose files it owns: a name pulled again from another repo owns both
+            kept_for = self._shared(spec.path, *(Path(p) for p in owned or ()))
             files = await anyio.to_thread.run_sync(_local_files, spec)  # while a split one is whole
             if kept_for:
                 if owned:
@@ -376,17 +377,17 @@ class Pulls:
             why = why if kept else ""
         return DeleteResult(name, unloaded.pid if unloaded else None, freed, kept_for, kept, why)
 
-    def _shared(self, path: Path) -> tuple[str, ...]:
-        """The other registrations pulled into the same repo folder of the same cache
-        (removing a checkpoint's files touches every snapshot of its repo, so they stay)."""
-        registry, folder = self._router.registry, _repo_folder(path)
+    def _shared(self, *paths: Path) -> tuple[str, ...]:
+        """The other registrations pulled into the repo folder of any of ``paths``, in the same
+        cache (removing a checkpoint's files touches every snapshot of its repo, so they stay)."""
+        registry, folders = self._router.registry, {_repo_folder(p) for p in paths}
         out = []
         for other in registry.user_names():
             try:
                 spec = registry.lookup(other)
             except LemonError:
                 continue
-            if spec.checkpoint is not None and _repo_folder(spec.path) == folder:
+            if spec.checkpoint is not None and _repo_folder(spec.path) in folders:
                 out.append(other)
         return tuple(out)
 

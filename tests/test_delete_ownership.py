@@ -139,3 +139,20 @@ def test_files_kept_for_another_registration_go_with_the_last_one(
     last = router.delete("b")  # it inherited what "a" downloaded
     assert last.freed == len(tiny_gguf(1)) + len(tiny_gguf(9)) and last.kept == ()
     assert not os.path.lexists(a.path) and not os.path.lexists(b.path)
+
+
+def test_a_name_pulled_again_from_another_repo_keeps_files_another_name_uses(
+        hub: HubStub, make_router: Callable[..., Router]) -> None:
+    """x pulls r1 (ours), y pulls r1 too (cached), x is pulled again from r2: x owns files in
+    both repos, and deleting x must not take y's file from r1 (found by review)."""
+    hub.add_repo(REPO, FILES)
+    hub.add_repo("lemon/other-GGUF", {"other-Q4_K_M.gguf": tiny_gguf(5)})
+    router = make_router()
+    first = router.pull(CHECKPOINT, name="x")
+    y = router.pull(CHECKPOINT, name="y")
+    assert y.path == first.path
+    router.pull("lemon/other-GGUF:Q4_K_M", name="x")
+    gone = router.delete("x")
+    assert gone.kept_for == ("y",)
+    assert os.path.lexists(y.path) and _blob_exists(y.path)
+    assert router.load("y", ctx_size=256).action == "loaded"
