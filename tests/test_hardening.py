@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -465,6 +466,82 @@ def test_connections_beyond_the_limit_are_refused_with_bounded_logging(
         lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
         assert 1 <= len(lines) <= 2, lines
         assert sum(int(line.split()[-2]) for line in lines) == 300, lines
+    finally:
+        router.close()
+
+
+def _read_all(s: socket.socket, seconds: float) -> bytes:
+    """What the server sends on ``s`` until it closes it (or ``seconds`` pass)."""
+    data = b""
+    deadline = time.monotonic() + seconds
+    s.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_pipelined_answer_longer_than_the_header_timeout_is_not_cut(
+        tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests sent at once, the second a stream of ~2.5 s (the header timeout: 1 s):
+    once it has arrived its answer is sent in full, even though it started when the first
+    answer ended."""
+    from lemon_magic.server import serve
+    from tests.fakes import FakeBackend
+
+    monkeypatch.setattr(serve, "LIMITS", serve.Limits(header_timeout=1.0))
+    monkeypatch.setenv("FAKE_TOKEN_DELAY", "0.5")
+    router = Router(RouterConfig(start_timeout=60, drain_timeout=5, stop_grace=3),
+                    backends={"fake": FakeBackend()})
+    try:
+        name = "slow-stream"
+        router.register(name, tiny_model)
+        router.load(name, backend="fake")
+        parts = urlsplit(router.serve(port=0))
+        assert parts.hostname is not None and parts.port is not None
+        body = json.dumps({"model": name, "prompt": "hi", "stream": True}).encode()
+        second = (b"POST /api/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+            t0 = time.monotonic()
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + second)
+            data = _read_all(s, 15)
+            took = time.monotonic() - t0
+        assert data.count(b"HTTP/1.1 200") == 2, data[:500]
+        assert b"stand-in" in data and b"data: [DONE]" in data, (took, data[-300:])
+        assert took > 2.0, took  # (the stream did outlast the header timeout)
+    finally:
+        router.close()
+
+
+def test_a_large_body_answered_before_it_is_read_gets_exactly_that_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MiB POST with a wrong key: its 401, and nothing else (the rest of the body is no
+    header: no stray 431 after it, no reset before it); the connection stays usable."""
+    from lemon_magic.server import serve
+
+    monkeypatch.setattr(serve, "LIMITS", serve.Limits(header_timeout=1.0))
+    router = Router(RouterConfig())
+    try:
+        parts = urlsplit(router.serve(port=0, api_key="s3cret"))
+        assert parts.hostname is not None and parts.port is not None
+        body = b'{"model": "tiny", "prompt": "' + b"a" * 2**20 + b'"}'
+        head = (b"POST /api/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+            s.sendall(head + body)
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Authorization: Bearer s3cret\r\nConnection: close\r\n\r\n")
+            data = _read_all(s, 10)
+        assert data.startswith(b"HTTP/1.1 401"), data[:300]
+        assert b" 431 " not in data, data[-300:]
+        assert data.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200" in data, data[-300:]
     finally:
         router.close()
 

@@ -92,6 +92,41 @@ def test_lemon_serve_is_declarative_and_says_when_it_moves(
     ip.run_line_magic("lemon_serve", "--stop")
 
 
+def test_lemon_serve_to_a_busy_port_keeps_serving_where_it_was(
+        ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    """Moving to a port that is taken: one line that says why, and the old URL still answers."""
+    ip.run_line_magic("lemon_serve", "--port 0")
+    url = get_router().base_url
+    assert url is not None
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        capsys.readouterr()
+        exc = _error(ip, f"%lemon_serve --port {port}")
+        assert isinstance(exc, UsageError), repr(exc)
+        message = str(exc)
+        assert "\n" not in message and f"127.0.0.1:{port}" in message, message
+        assert "in use" in message and f"still serving {url}" in message, message
+    assert get_router().base_url == url
+    assert httpx.get(url + "/health", trust_env=False, timeout=5).json()["status"] == "ok"
+    ip.run_line_magic("lemon_serve", "--stop")
+
+
+def test_lemon_serve_moves_a_keyed_server_with_its_key(ip: InteractiveShell) -> None:
+    """A server that requires an API key still requires it on the port it moves to."""
+    url = get_router().serve("127.0.0.1", 0, api_key="s3cret", allowed_origins=["http://nb.test"])
+    port = _free_port()
+    ip.run_line_magic("lemon_serve", f"--port {port}")
+    moved = get_router().base_url
+    assert moved is not None and moved != url and f":{port}/" in moved
+    assert httpx.get(moved + "/models", trust_env=False, timeout=5).status_code == 401
+    keyed = httpx.get(moved + "/models", trust_env=False, timeout=5,
+                      headers={"Authorization": "Bearer s3cret", "Origin": "http://nb.test"})
+    assert keyed.status_code == 200, keyed.text
+    ip.run_line_magic("lemon_serve", "--stop")
+
+
 @pytest.mark.real
 def test_a_load_that_evicts_another_model_says_so(ip: InteractiveShell, tiny_model: str,
                                                   tiny_model_b: str,

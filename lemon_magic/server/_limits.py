@@ -118,6 +118,7 @@ class _Bounded:
     _timer: asyncio.TimerHandle | None = None
     _waiting_after: Any = None  # the cycle before the request being waited for
     _in_body: Any = None  # the cycle whose body is being waited for
+    _draining: Any = None  # the cycle answered before its body was read, while the body ends
     _head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,7 +159,18 @@ class _Bounded:
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        if not self.transport.is_closing():
+        cycle = self.cycle
+        if self.transport.is_closing() or (cycle is not None and not cycle.response_complete):
+            return  # a pipelined request has arrived and runs: its answer is never cut
+        if cycle is not None and cycle.more_body:
+            self._draining = cycle  # answered before its body was read (401, 413): the rest
+            return  # of the body is no header; the body deadline still holds
+        self._wait_for_request()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()  # type: ignore[misc]
+        if self._draining is not None and self._draining is self.cycle:
+            self._draining = None  # the early-answered body has ended: the next request's turn
             self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:

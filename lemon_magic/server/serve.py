@@ -128,13 +128,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start(app: App, host: str, port: int, tg: anyio.abc.TaskGroup | Tasks) -> Serving:
-    """Bind ``host:port`` and serve ``app`` from a task in ``tg``; returns once uvicorn
-    accepts connections.
+async def start(app: App, host: str, port: int | socket.socket,
+                tg: anyio.abc.TaskGroup | Tasks) -> Serving:
+    """Bind ``host:port`` (or take ``port``, a socket already bound there) and serve ``app``
+    from a task in ``tg``; returns once uvicorn accepts connections.
 
     :raises OSError: the address cannot be bound.
     """
-    sock = _bind(host, port)
+    sock = port if isinstance(port, socket.socket) else _bind(host, port)
     serving = Serving(app, sock, host)
     app.guard.port = serving.port
     tg.start_soon(serving.run)
@@ -150,7 +151,8 @@ async def serve_router(router: AsyncRouter, host: str, port: int, *, api_key: st
                        allowed_origins: Sequence[str], allowed_hosts: Sequence[str],
                        allow_any_args: bool) -> str:
     """Serve the API of ``router`` on ``host:port`` from the router's loop (``port`` 0: any
-    free port); returns the base URL. Serving again first stops the running server.
+    free port); returns the base URL. Serving again moves the server: the new address is bound
+    first, and the running server stops only once that succeeded (a failure leaves it serving).
 
     :param api_key: required from clients as ``Authorization: Bearer <key>``; binding a
         host that is not loopback requires one.
@@ -170,7 +172,19 @@ async def serve_router(router: AsyncRouter, host: str, port: int, *, api_key: st
     assert router._tg is not None
     security = Security.of(api_key, allowed_origins, allowed_hosts, allow_any_args)
     check_binding(host, security)
-    await router.stop_serving()
-    app = create_app(router, version=__version__, security=security, bound_host=host)
-    router._serving = await start(app, host, port, router._tg)
+    running = router._serving
+    try:
+        sock = _bind(host, port)
+    except OSError:
+        if running is None or running.port != port:
+            raise  # the running server (if any) keeps serving
+        await router.stop_serving()  # the same port: it has to let go of it first
+        sock = _bind(host, port)
+    try:
+        app = create_app(router, version=__version__, security=security, bound_host=host)
+        await router.stop_serving()
+    except BaseException:
+        sock.close()
+        raise
+    router._serving = await start(app, host, sock, router._tg)
     return router._serving.info.base_url
