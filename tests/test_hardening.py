@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -368,17 +368,23 @@ def _close_times(socks: dict[socket.socket, float], seconds: float) -> dict[sock
     (``socks`` maps each to its opening time)."""
     closed: dict[socket.socket, float] = {}
     deadline = time.monotonic() + seconds
-    while len(closed) < len(socks) and time.monotonic() < deadline:
-        pending = [s for s in socks if s not in closed]
-        ready, _, _ = select.select(pending, [], [], max(0.0, deadline - time.monotonic()))
-        now = time.monotonic()
-        for s in ready:
-            try:
-                data = s.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                closed[s] = now - socks[s]
+    # epoll, not select(): in a full run this process holds more than 1,024 descriptors
+    with selectors.DefaultSelector() as selector:
+        for s in socks:
+            selector.register(s, selectors.EVENT_READ)
+        while len(closed) < len(socks) and time.monotonic() < deadline:
+            ready = selector.select(max(0.0, deadline - time.monotonic()))
+            now = time.monotonic()
+            for key, _ in ready:
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    closed[s] = now - socks[s]
+                    selector.unregister(s)
     return closed
 
 
