@@ -266,7 +266,11 @@ def _serve(tmp_path: Path, *args: str,
         process = subprocess.Popen(
             [sys.executable, "-m", "lemon_magic", "serve", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=stderr, text=True,
-            env={**clean, "PYTHONPATH": str(Path(__file__).parent.parent), **(env or {})})
+            # config and state of its own: the module's served router registers "tiny" in the
+            # suite's config dir, which this server would otherwise load on a request for it
+            env={**clean, "PYTHONPATH": str(Path(__file__).parent.parent),
+                 "LEMON_MAGIC_CONFIG_DIR": str(tmp_path / "config"),
+                 "LEMON_MAGIC_STATE_DIR": str(tmp_path / "state"), **(env or {})})
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("serving "), (line, (tmp_path / "stderr").read_text())
