@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest
 from lemon_magic import InvalidOptions, Router, RouterConfig
 from tests.conftest import wait_no_backends
 from tests.hubstub import HubStub, hub
-from tests.serving import CHAT
+from tests.serving import CHAT, serve_in_process, stop_served_process
 
 pytestmark = pytest.mark.real
 __all__ = ("hub",)  # the fixture, imported for the tests below
@@ -258,35 +257,6 @@ def test_the_table_of_allowed_flags() -> None:
 
 # ----------------------------------------------------------------- 4. the server's key, off the command line
 
-def _serve(tmp_path: Path, *args: str,
-           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """``lemon-magic serve --port 0 ARGS`` in a process of its own; its process and base URL."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("LEMON_MAGIC_API_KEY", "LEMONADE_API_KEY")}
-    with open(tmp_path / "stderr", "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lemon_magic", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=stderr, text=True,
-            # config and state of its own: the module's served router registers "tiny" in the
-            # suite's config dir, which this server would otherwise load on a request for it
-            env={**clean, "PYTHONPATH": str(Path(__file__).parent.parent),
-                 "LEMON_MAGIC_CONFIG_DIR": str(tmp_path / "config"),
-                 "LEMON_MAGIC_STATE_DIR": str(tmp_path / "state"), **(env or {})})
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("serving "), (line, (tmp_path / "stderr").read_text())
-    return process, line.split()[1]
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.parametrize("how", ["file", "environment", "command line"])
 def test_serve_takes_its_key_from_a_file_or_the_environment(tmp_path: Path, how: str) -> None:
     key = "k-" + os.urandom(8).hex()
@@ -299,7 +269,7 @@ def test_serve_takes_its_key_from_a_file_or_the_environment(tmp_path: Path, how:
         env = {"LEMON_MAGIC_API_KEY": key}
     else:
         args = ("--api-key", key)
-    process, url = _serve(tmp_path, *args, env=env)
+    process, url = serve_in_process(tmp_path, *args, env=env)
     try:
         with open(f"/proc/{process.pid}/cmdline", "rb") as f:
             on_command_line = key.encode() in f.read()
@@ -308,7 +278,7 @@ def test_serve_takes_its_key_from_a_file_or_the_environment(tmp_path: Path, how:
         r = httpx.get(url + "/health", headers={"Authorization": f"Bearer {key}"}, trust_env=False)
         assert r.status_code == 200
     finally:
-        _stop(process)
+        stop_served_process(process)
     warnings = [line for line in (tmp_path / "stderr").read_text().splitlines()
                 if "--api-key" in line and "other local users" in line]
     assert len(warnings) == (how == "command line"), warnings
@@ -554,87 +524,6 @@ def test_a_large_body_answered_before_it_is_read_gets_exactly_that_answer(
         assert data.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200" in data, data[-300:]
     finally:
         router.close()
-
-
-# ----------------------------------------------------------------- 7. request sizes
-
-def _peak_rss(pid: int) -> int:
-    """The process's peak resident memory so far, in bytes (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
-
-
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``lemon-magic serve`` in a process of its own (its memory measured alone)."""
-    process, url = _serve(tmp_path)
-    try:
-        yield process, url
-    finally:
-        _stop(process)
-
-
-@pytest.mark.parametrize(("name", "fragment"), [
-    ("objects", "more than 100000 arrays and objects"),
-    ("values", "more than 1000000 values"),
-    ("nesting", "nested more than 64 deep"),
-])
-def test_a_body_too_large_once_parsed_is_refused_before_it_is(
-        serve_process: tuple[subprocess.Popen[str], str], name: str, fragment: str) -> None:
-    """The issue's 15 MiB of ``[{},{},…]`` (which made 479 MiB of Python objects), 15 MiB of
-    ``[1,1,…]``, or deep nesting: a 413 in one line, and the server's peak memory grows by
-    less than 64 MiB."""
-    process, url = serve_process
-    size = 15 * 2**20
-    inner = {"objects": b"{}," * (size // 3), "values": b"1," * (size // 2),
-             "nesting": b"[" * 65 + b"]" * 65 + b","}[name]
-    body = b'{"model": "tiny", "prompt": [' + inner + b'0]}'
-    with httpx.Client(timeout=60, trust_env=False) as http:
-        http.get(url + "/health")
-        before = _peak_rss(process.pid)
-        r = http.post(url + "/completions", content=body, headers={"content-type": "application/json"})
-        grew = _peak_rss(process.pid) - before
-    assert r.status_code == 413, (r.status_code, r.text[:200])
-    assert fragment in r.text and "\n" not in r.text.strip(), r.text
-    print(f"{name}: {len(body) / 2**20:.1f} MiB body refused; server peak RSS grew by "
-          f"{grew / 2**20:.1f} MiB")
-    assert grew < 64 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB"
-
-
-def test_bytes_in_flight_across_requests_are_bounded(
-        serve_process: tuple[subprocess.Popen[str], str]) -> None:
-    """Four requests each holding 15 MiB of a body still arriving (60 MiB): a new 5 MiB body
-    would pass 64 MiB in flight, so it is a 429 with Retry-After; once they go, it is taken."""
-    _, url = serve_process
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    head = (f"POST {parts.path}/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {15 * 2**20}\r\n\r\n").encode()
-    slow = []
-    try:
-        for _ in range(4):
-            s = socket.create_connection((parts.hostname, parts.port), timeout=30)
-            s.sendall(head + b'{"model": "tiny", "prompt": "' + b"x" * (15 * 2**20 - 100))
-            slow.append(s)
-        with httpx.Client(timeout=30, trust_env=False) as http:
-            deadline = time.monotonic() + 15
-            while True:  # until the server has read what they sent (a busy machine is slow)
-                r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
-                if r.status_code != 404 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert r.status_code == 429, (r.status_code, r.text[:200])
-            assert "in flight" in r.text and r.headers.get("retry-after"), (r.text, r.headers)
-            for s in slow:
-                s.close()
-            slow = []
-            time.sleep(0.3)
-            r = http.post(url + "/completions", json={"model": "tiny", "prompt": "x" * 5 * 2**20})
-            assert r.status_code == 404, (r.status_code, r.text[:200])  # parsed: no such model
-    finally:
-        for s in slow:
-            s.close()
 
 
 # ----------------------------------------------------------------- 8. fair admission
